@@ -1,0 +1,65 @@
+"""Trainer construction and run-time helpers shared by the entry points."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> pl.Trainer:
+    """Instantiate ``cfg.trainer``; fp16 gets a GradScaler starting at ``cfg.amp_init_scale``."""
+    plugins = []
+    tcfg = cfg.trainer
+    if str(tcfg.get("precision")) == "16-mixed" and cfg.get("amp_init_scale"):
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        scaler = torch.amp.GradScaler("cuda", init_scale=float(cfg.amp_init_scale))
+        plugins.append(MixedPrecision(precision="16-mixed", device="cuda", scaler=scaler))
+        tcfg = OmegaConf.merge(tcfg, {"precision": None})
+    kwargs = {"callbacks": callbacks, "logger": loggers or False}
+    if plugins:
+        kwargs["plugins"] = plugins
+    trainer_cfg = OmegaConf.to_container(tcfg, resolve=True)
+    if trainer_cfg.get("precision") is None:
+        trainer_cfg.pop("precision", None)
+    return instantiate(trainer_cfg, **kwargs)
+
+
+class ConfigInCheckpoint(pl.Callback):
+    """Stores the resolved config (primitives only) in every checkpoint, so `jointgen-eval` and
+    `jointgen-sample` can rebuild the network and the checkpoint loads with weights_only=True."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["jointgen_config"] = self.config
+
+
+@rank_zero_only
+def print_config(cfg: DictConfig) -> None:
+    """Print the resolved config tree (rich when available)."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    try:
+        from rich.console import Console
+        from rich.syntax import Syntax
+
+        Console().print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    except ImportError:  # pragma: no cover - rich is a dependency
+        print(text)
+
+
+def finish_loggers(loggers: list) -> None:
+    """End wandb runs so consecutive multirun jobs do not log into one run."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
