@@ -49,10 +49,8 @@ def run_one(name: str, steps: int, warmup: int, opts: dict) -> dict:
     torch.manual_seed(0)
     kwargs, batch = CONFIGS[name]
     kwargs = dict(kwargs, recompute_bn_swish=opts["recompute"],
-                  checkpoint_cells=opts["checkpoint"])
+                  checkpoint_cells=opts["checkpoint"], channels_last=opts["channels_last"])
     net = NVAE(**kwargs)
-    fmt = torch.channels_last if opts["channels_last"] else torch.contiguous_format
-    net = net.to(memory_format=fmt)
     sr = SpectralRegularizer(net)
     alphas = balance_alphas(net.groups)
     opt = torch.optim.Adamax(net.parameters(), lr=1e-3, eps=1e-3, weight_decay=3e-4)
@@ -60,7 +58,6 @@ def run_one(name: str, steps: int, warmup: int, opts: dict) -> dict:
     c, s = net.in_channels, net.image_size
     x = torch.rand(batch, c, s, s)
     x = x.round() if net.decoder_dist == "bernoulli" else torch.round(x * 255) / 255
-    x = x.contiguous(memory_format=fmt)
 
     def step():
         out = fwd(x)

@@ -120,6 +120,17 @@ class TestForward:
         assert net.sample(2, 0.7).shape == (2, c, s, s)
         assert net.reconstruct(x).shape == x.shape
 
+    def test_channels_last_gives_the_same_model(self):
+        a = NVAE(**TINY).eval()
+        b = NVAE(**TINY, channels_last=True).eval()
+        b.load_state_dict(a.state_dict())
+        x = torch.round(torch.rand(2, 3, 16, 16) * 255) / 255
+        torch.manual_seed(1)
+        la = a.log_likelihood(a(x), x)
+        torch.manual_seed(1)
+        lb = b.log_likelihood(b(x), x)
+        assert torch.allclose(la, lb, rtol=1e-4)
+
     def test_bernoulli_likelihood_is_cropped(self):
         net = NVAE(**TINY_CONFIGS[3])
         assert net.padded_size == 16 and net.image_size == 14

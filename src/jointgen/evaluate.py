@@ -14,6 +14,8 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from jointgen import CONF_DIR
+
 from jointgen.utils.checks import ConfigError, check_hardware, check_model_data
 from jointgen.utils.checkpoint import model_from_checkpoint
 from jointgen.utils.instantiate import instantiate_nodes
@@ -58,7 +60,7 @@ def run_eval(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     from jointgen.cli import guarded
 

@@ -15,6 +15,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from jointgen import CONF_DIR
+
 from jointgen.utils.checks import ConfigError
 from jointgen.utils.checkpoint import model_from_checkpoint
 from jointgen.utils.images import save_grid
@@ -47,7 +49,7 @@ def run_sample(cfg: DictConfig) -> list[Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     from jointgen.cli import guarded
 

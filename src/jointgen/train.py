@@ -17,6 +17,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from jointgen import CONF_DIR
+
 from jointgen.utils.checks import check_hardware, check_model_data
 from jointgen.utils.instantiate import instantiate_nodes
 from jointgen.utils.runtime import ConfigInCheckpoint, build_trainer, finish_loggers, print_config
@@ -101,7 +103,7 @@ def _write_outputs(cfg, model, trainer, metrics, best, out_dir: Path) -> None:
         print(f"  {k:<22} {v:.4f}")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from jointgen.cli import guarded
     from jointgen.utils.ddp import install_hydra_ddp_launcher

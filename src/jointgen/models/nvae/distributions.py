@@ -36,7 +36,8 @@ class Normal:
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised sample; returns (z, eps)."""
-        eps = torch.randn_like(self.mu)
+        # drawn in logical (NCHW) order so a seed gives the same z in any memory layout
+        eps = torch.randn(self.mu.shape, dtype=self.mu.dtype, device=self.mu.device)
         return self.mu + self.sigma * eps, eps
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:

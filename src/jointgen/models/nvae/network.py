@@ -86,6 +86,7 @@ class NVAE(nn.Module):
         use_se: Squeeze-and-Excitation in every cell.
         recompute_bn_swish: recompute BN+Swish in backward (memory lever).
         checkpoint_cells: activation checkpointing of whole cells (bigger memory lever).
+        channels_last: NHWC memory layout (faster convs on CPU and on tensor-core GPUs).
     """
 
     def __init__(
@@ -112,6 +113,7 @@ class NVAE(nn.Module):
         use_se: bool = True,
         recompute_bn_swish: bool = False,
         checkpoint_cells: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         for name, v in [
@@ -215,6 +217,9 @@ class NVAE(nn.Module):
             else DiscMixLogistic.num_params(in_channels, num_mixture_dec)
         )
         self.head = nn.Sequential(nn.ELU(), conv(c, out_ch, k=3))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -231,6 +236,10 @@ class NVAE(nn.Module):
         a = p // 2
         return t[..., a : a + self.image_size, a : a + self.image_size]
 
+    def _prior_state(self, n: int) -> torch.Tensor:
+        s = self.prior_ftr0.unsqueeze(0).expand(n, -1, -1, -1)
+        return s.contiguous(memory_format=self.memory_format)
+
     def _pixel_dist(self, s: torch.Tensor):
         logits = self._crop(self.head(self.post(s)))
         if self.decoder_dist == "bernoulli":
@@ -238,7 +247,8 @@ class NVAE(nn.Module):
         return DiscMixLogistic(logits, self.in_channels, self.num_mix, self.num_bits)
 
     def _encode_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        h = self.pre(self.stem(2.0 * self._pad(x) - 1.0))
+        x = self._pad(x).contiguous(memory_format=self.memory_format)
+        h = self.pre(self.stem(2.0 * x - 1.0))
         feats, gi, ci = [], 0, 0
         for s, n in enumerate(self.groups):
             for _ in range(n):
@@ -259,7 +269,7 @@ class NVAE(nn.Module):
         if x is not None:
             feats, top = self._encode_features(x)
             n = x.shape[0]
-        s = self.prior_ftr0.unsqueeze(0).expand(n, -1, -1, -1)
+        s = self._prior_state(n)
         records = []
         S = len(self.groups)
         k = 0
@@ -379,8 +389,7 @@ class NVAE(nn.Module):
     @torch.no_grad()
     def decode_latents(self, zs: list[torch.Tensor]) -> object:
         """Decode given per-group latents (top first); returns the pixel distribution."""
-        n = zs[0].shape[0]
-        s = self.prior_ftr0.unsqueeze(0).expand(n, -1, -1, -1)
+        s = self._prior_state(zs[0].shape[0])
         S, k = len(self.groups), 0
         for si in range(S):
             for _ in range(self.groups[S - 1 - si]):
