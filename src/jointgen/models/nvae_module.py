@@ -54,6 +54,8 @@ class NVAELitModule(LightningModule):
         num_iw_samples_test: importance samples for ``test/bpd`` (1000 for paper numbers).
         max_bad_steps: consecutive non-finite losses tolerated (each skipped) before stopping.
         compile: wrap the network in ``torch.compile`` for training.
+        eval_seed: validation and test draw their latent samples from this seed (the training
+            RNG stream is saved and restored), so a checkpoint always scores the same.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class NVAELitModule(LightningModule):
         num_iw_samples_test: int = 1000,
         max_bad_steps: int = 20,
         compile: bool = False,
+        eval_seed: int = 1234,
     ) -> None:
         super().__init__()
         # primitives only, so checkpoints load with weights_only=True; the optimizer partial is kept
@@ -233,6 +236,25 @@ class NVAELitModule(LightningModule):
                 self._kl_group_sum = self._kl_group_sum + kg
             self._n_val += x.shape[0]
 
+    def _enter_eval_rng(self) -> None:
+        self._saved_rng = (torch.get_rng_state(), _cuda_rng_state())
+        torch.manual_seed(self.hparams.eval_seed + self.global_rank)
+
+    def _exit_eval_rng(self) -> None:
+        cpu, cuda = self._saved_rng
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    def on_validation_epoch_start(self) -> None:
+        self._enter_eval_rng()
+
+    def on_test_epoch_start(self) -> None:
+        self._enter_eval_rng()
+
+    def on_test_epoch_end(self) -> None:
+        self._exit_eval_rng()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.hparams.num_iw_samples_val)
 
@@ -240,6 +262,7 @@ class NVAELitModule(LightningModule):
         self._eval_step(batch, "test", self.hparams.num_iw_samples_test)
 
     def on_validation_epoch_end(self) -> None:
+        self._exit_eval_rng()
         if not self.trainer.sanity_checking:
             self.val_bpd_best(self.val_bpd.compute())
             self.log("val/bpd_best", self.val_bpd_best.compute(), prog_bar=True)
@@ -269,6 +292,10 @@ class NVAELitModule(LightningModule):
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _cuda_rng_state():
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
 
 def _first_non_finite(out, recon, sr, bn) -> str:

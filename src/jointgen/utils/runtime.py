@@ -23,6 +23,10 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> pl.Trainer
         scaler = torch.amp.GradScaler("cuda", init_scale=float(cfg.amp_init_scale))
         plugins.append(MixedPrecision(precision="16-mixed", device="cuda", scaler=scaler))
         tcfg = OmegaConf.merge(tcfg, {"precision": None})
+    if not loggers:  # logger=none: callbacks that need a logger would refuse to start
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     kwargs = {"callbacks": callbacks, "logger": loggers or False}
     if plugins:
         kwargs["plugins"] = plugins

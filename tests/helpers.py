@@ -1,0 +1,53 @@
+"""Composing the real configs, shrunk for tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from jointgen import CONF_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+# a model and data small enough for a CPU test: 16x16 images, 8 channels
+TINY_OVERRIDES = [
+    "data.image_size=16",
+    "data.num_train=64",
+    "data.num_val=32",
+    "data.num_test=32",
+    "data.batch_size=16",
+    "model.net.image_size=16",
+    "model.net.num_channels=8",
+    "model.warmup_epochs=0.5",
+    "logger=csv",
+    "callbacks.sample_grid.num_samples=4",
+    "callbacks.sample_grid.temperatures=[1.0]",
+    "~callbacks.progress_bar",
+    "~callbacks.model_summary",
+    "final_samples=4",
+]
+
+
+def compose_cfg(name: str, overrides: list[str], tmp_path: Path):
+    """Compose ``conf/<name>.yaml`` with outputs and data under ``tmp_path``."""
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+        cfg.paths.data_dir = str(tmp_path.parent / "shared_data")
+    return cfg
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a console script from the venv (same interpreter as the tests)."""
+    env = dict(os.environ, JOINTGEN_ROOT=str(cwd), WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
+    env.pop("HYDRA_FULL_ERROR")
+    exe = Path(sys.executable).parent / args[0]
+    return subprocess.run(
+        [str(exe), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
