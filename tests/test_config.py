@@ -69,3 +69,31 @@ def test_other_roots_compose(root):
 def test_unknown_key_is_rejected():
     with pytest.raises(Exception, match="no_such_key"):
         _compose(overrides=["model.no_such_key=1"])
+
+
+def test_configs_ship_inside_the_wheel(tmp_path):
+    """An installed wheel (not only the editable checkout) finds conf/."""
+    import subprocess
+    import sys
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation",
+         "-q", "-w", str(tmp_path)],
+        check=True, capture_output=True,
+    )
+    (whl,) = tmp_path.glob("jointgen-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(whl).extractall(site)
+    code = (
+        "import jointgen, pathlib; from hydra import compose, initialize_config_dir;\n"
+        "assert pathlib.Path(jointgen.__file__).is_relative_to(pathlib.Path(r'%s'))\n"
+        "with initialize_config_dir(version_base='1.3', config_dir=jointgen.CONF_DIR):\n"
+        "    cfg = compose('train', overrides=['experiment=nvae_cifar10'])\n"
+        "print(cfg.model.net.num_channels)" % site
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(site)},
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "128"
