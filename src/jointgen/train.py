@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jointgen import CONF_DIR
 
+from jointgen.callbacks.rng_state import RNGState
 from jointgen.utils.checks import check_hardware, check_model_data
 from jointgen.utils.instantiate import instantiate_nodes
 from jointgen.utils.runtime import ConfigInCheckpoint, build_trainer, finish_loggers, print_config
@@ -45,7 +46,7 @@ def run_train(cfg: DictConfig) -> float | None:
     check_model_data(model.net, datamodule)
 
     callbacks = instantiate_nodes(cfg.get("callbacks"), "callbacks")
-    callbacks.append(ConfigInCheckpoint(cfg))
+    callbacks += [ConfigInCheckpoint(cfg), RNGState()]
     loggers = instantiate_nodes(cfg.get("logger"), "logger")
     trainer = build_trainer(cfg, callbacks, loggers)
     out_dir = Path(cfg.paths.output_dir)

@@ -87,6 +87,10 @@ class NVAE(nn.Module):
         recompute_bn_swish: recompute BN+Swish in backward (memory lever).
         checkpoint_cells: activation checkpointing of whole cells (bigger memory lever).
         channels_last: NHWC memory layout (faster convs on CPU and on tensor-core GPUs).
+        cond_dim: size of an external latent z that conditions the whole hierarchy (0: none).
+            z is projected onto the decoder's first feature map, the top group gets a learned
+            prior p(w1 | z) and a residual posterior, so every prior is p(w_l | w_<l, z). The
+            joint caption-image VAE uses this as its image branch.
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class NVAE(nn.Module):
         recompute_bn_swish: bool = False,
         checkpoint_cells: bool = False,
         channels_last: bool = False,
+        cond_dim: int = 0,
     ) -> None:
         super().__init__()
         for name, v in [
@@ -217,6 +222,11 @@ class NVAE(nn.Module):
             else DiscMixLogistic.num_params(in_channels, num_mixture_dec)
         )
         self.head = nn.Sequential(nn.ELU(), conv(c, out_ch, k=3))
+        self.cond_dim = cond_dim
+        if cond_dim > 0:
+            self.cond_proj = nn.Linear(cond_dim, c_low * low * low)
+            self.top_prior = nn.Sequential(nn.ELU(), conv(c_low, 2 * G, k=1))
+            self.top_combiner = EncCombiner(c_low, c_low)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.to(memory_format=torch.channels_last)
@@ -249,7 +259,7 @@ class NVAE(nn.Module):
     def _encode_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         x = self._pad(x).contiguous(memory_format=self.memory_format)
         h = self.pre(self.stem(2.0 * x - 1.0))
-        feats, gi, ci = [], 0, 0
+        feats, gi = [], 0
         for s, n in enumerate(self.groups):
             for _ in range(n):
                 h = self.enc_groups[gi](h)
@@ -258,24 +268,42 @@ class NVAE(nn.Module):
                     feats.append(h)
             if s < len(self.groups) - 1:
                 h = self.enc_downs[s](h)
-                ci += 1
         return feats, self.enc0(h)
 
-    def _walk(self, x: torch.Tensor | None, n: int, temp: float):
-        """Top-down pass. With ``x`` the posterior is used, else the prior at temperature ``temp``.
+    def encode_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Bottom-up features (combiner inputs, top feature) for reuse across samples."""
+        return self._encode_features(x)
 
-        Yields nothing; returns (decoder state, per-group records).
+    def _walk(self, encoded, n: int, temp: float, cond: torch.Tensor | None = None):
+        """Top-down pass. With ``encoded`` features the posterior is used, else the prior at
+        temperature ``temp``. ``cond`` (n, cond_dim) conditions the hierarchy.
+
+        Returns (decoder state, per-group records).
         """
+        x = encoded
         if x is not None:
-            feats, top = self._encode_features(x)
-            n = x.shape[0]
+            feats, top = encoded
+            n = top.shape[0]
         s = self._prior_state(n)
+        if self.cond_dim > 0:
+            if cond is None:
+                raise ValueError("this NVAE is conditional: pass cond (n, cond_dim)")
+            low = s.shape[-1]
+            proj = self.cond_proj(cond).view(n, -1, low, low)
+            s = (s + proj).contiguous(memory_format=self.memory_format)
         records = []
         S = len(self.groups)
         k = 0
         for si in range(S):
             for g in range(self.groups[S - 1 - si]):
-                if k == 0:
+                if k == 0 and self.cond_dim > 0:
+                    mu_p, ls_p = self.top_prior(s).chunk(2, dim=1)
+                    if x is not None:
+                        mu_q, ls_q = self.enc_sampler[0](self.top_combiner(top, s)).chunk(2, 1)
+                        q, p = Normal(mu_p + mu_q, ls_p + ls_q), Normal(mu_p, ls_p)
+                    else:
+                        p, q = Normal(mu_p, ls_p, temp), None
+                elif k == 0:
                     if x is not None:
                         mu_q, ls_q = self.enc_sampler[0](top).chunk(2, dim=1)
                         q = Normal(mu_q, ls_q)
@@ -315,9 +343,17 @@ class NVAE(nn.Module):
 
     # --- public API ----------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> NVAEOutput:
-        """Posterior pass on ``x`` in [0, 1], shape (B, C, H, W)."""
-        s, records = self._walk(x, x.shape[0], 1.0)
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor | None = None, encoded=None
+    ) -> NVAEOutput:
+        """Posterior pass on ``x`` in [0, 1], shape (B, C, H, W).
+
+        ``encoded`` reuses :meth:`encode_features` output (e.g. repeated for K samples of
+        ``cond``); ``x`` is then only used for its batch size.
+        """
+        if encoded is None:
+            encoded = self._encode_features(x)
+        s, records = self._walk(encoded, x.shape[0], 1.0, cond)
         flows = self._has_flows()
         kls, lqs, lps, kpc, mus, sigs = [], [], [], [], [], []
         for q, p, _z0, z, log_q in records:
@@ -349,16 +385,29 @@ class NVAE(nn.Module):
         return lp.flatten(1).sum(1)
 
     @torch.no_grad()
-    def sample(self, n: int, temp: float = 1.0, pixel_temp: float = 1.0, mode: str = "mean"):
+    def sample(
+        self,
+        n: int,
+        temp: float = 1.0,
+        pixel_temp: float = 1.0,
+        mode: str = "mean",
+        cond: torch.Tensor | None = None,
+    ):
         """Draw ``n`` images from the prior at latent temperature ``temp``.
 
         Args:
             mode: ``mean`` (decoder mean, what FID uses) or ``sample`` (a pixel sample at
                 ``pixel_temp``; Bernoulli data are always sampled in ``sample`` mode).
         """
-        s, _ = self._walk(None, n, temp)
+        s, _ = self._walk(None, n, temp, cond)
         dist = self._pixel_dist(s)
         return dist.mean() if mode == "mean" else dist.sample(pixel_temp)
+
+    def prior_pixel_dist(self, n: int, temp: float = 1.0, cond: torch.Tensor | None = None):
+        """The pixel distribution after a prior pass (with gradients): the MMVAE+ cross stratum
+        decodes an image from a caption's z through the conditional prior hierarchy."""
+        s, _ = self._walk(None, n, temp, cond)
+        return self._pixel_dist(s)
 
     @torch.no_grad()
     def readjust_bn(self, iters: int = 500, batch: int = 16, temp: float = 1.0) -> None:
@@ -366,14 +415,17 @@ class NVAE(nn.Module):
         statistics (momentum 0.05) adapt to low-temperature activations; ends in eval mode."""
         self.train()
         for _ in range(iters):
-            self.post(self._walk(None, batch, temp)[0])  # every BN on the sampling path
+            cond = None
+            if self.cond_dim > 0:
+                cond = torch.randn(batch, self.cond_dim, device=self.prior_ftr0.device) * temp
+            self.post(self._walk(None, batch, temp, cond)[0])  # every BN on the sampling path
         self.eval()
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, active_threshold: float = 0.1) -> dict:
+    def encode(self, x: torch.Tensor, active_threshold: float = 0.1, cond=None) -> dict:
         """Per-group posterior means (the recommended representation), sigmas, samples and an
         active-channel mask (channel KL > ``active_threshold`` averaged over the batch)."""
-        out = self.forward(x)
+        out = self.forward(x, cond)
         return {
             "mu": out.mu_q,
             "sigma": out.sigma_q,
@@ -381,9 +433,9 @@ class NVAE(nn.Module):
         }
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, mode: str = "mean", pixel_temp: float = 1.0):
+    def reconstruct(self, x: torch.Tensor, mode: str = "mean", pixel_temp: float = 1.0, cond=None):
         """Reconstruct ``x``: decoder mean by default, a pixel sample with ``mode='sample'``."""
-        dist = self.forward(x).dist
+        dist = self.forward(x, cond).dist
         return dist.mean() if mode == "mean" else dist.sample(pixel_temp)
 
     @torch.no_grad()
