@@ -274,7 +274,14 @@ class NVAE(nn.Module):
         """Bottom-up features (combiner inputs, top feature) for reuse across samples."""
         return self._encode_features(x)
 
-    def _walk(self, encoded, n: int, temp: float, cond: torch.Tensor | None = None):
+    def _walk(
+        self,
+        encoded,
+        n: int,
+        temp: float,
+        cond: torch.Tensor | None = None,
+        detach_q: bool = False,
+    ):
         """Top-down pass. With ``encoded`` features the posterior is used, else the prior at
         temperature ``temp``. ``cond`` (n, cond_dim) conditions the hierarchy.
 
@@ -325,7 +332,8 @@ class NVAE(nn.Module):
                         p, q = Normal(mu_p, ls_p, temp), None
                 if q is not None:
                     z0, _ = q.sample()
-                    log_q = q.log_prob(z0)
+                    # DReG scores log q with detached parameters (z0 keeps its path)
+                    log_q = (q.detach() if detach_q else q).log_prob(z0)
                     z = self.flows[k](z0)  # log-det is 0: log q(z) = log q0(z0)
                     rec = (q, p, z0, z, log_q)
                 else:
@@ -344,7 +352,11 @@ class NVAE(nn.Module):
     # --- public API ----------------------------------------------------------------------
 
     def forward(
-        self, x: torch.Tensor, cond: torch.Tensor | None = None, encoded=None
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        encoded=None,
+        detach_q: bool = False,
     ) -> NVAEOutput:
         """Posterior pass on ``x`` in [0, 1], shape (B, C, H, W).
 
@@ -353,7 +365,7 @@ class NVAE(nn.Module):
         """
         if encoded is None:
             encoded = self._encode_features(x)
-        s, records = self._walk(encoded, x.shape[0], 1.0, cond)
+        s, records = self._walk(encoded, x.shape[0], 1.0, cond, detach_q)
         flows = self._has_flows()
         kls, lqs, lps, kpc, mus, sigs = [], [], [], [], [], []
         for q, p, _z0, z, log_q in records:
