@@ -36,8 +36,15 @@ def test_sample_cli_writes_grids(trained):
     root, run, _ = trained
     ckpt = run / "checkpoints" / "last.ckpt"
     res = run_cli(
-        ["jointgen-sample", f"ckpt_path={ckpt}", "temperatures=[0.6,1.0]", "num_samples=4",
-         "readjust_bn=true", "readjust_bn_iters=3", "readjust_bn_batch=2"],
+        [
+            "jointgen-sample",
+            f"ckpt_path={ckpt}",
+            "temperatures=[0.6,1.0]",
+            "num_samples=4",
+            "readjust_bn=true",
+            "readjust_bn_iters=3",
+            "readjust_bn_batch=2",
+        ],
         root,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -58,11 +65,15 @@ def test_eval_cli_reports_bits_per_dim(trained):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["data=cifar10", "experiment=nvae_cifar10", "paths.data_dir=/nonexistent"],
-         "/nonexistent/cifar10"),
+        (
+            ["data=cifar10", "experiment=nvae_cifar10", "paths.data_dir=/nonexistent"],
+            "/nonexistent/cifar10",
+        ),
         (["data.image_size=0"], "data.image_size must be positive, got 0"),
-        (["model.net.image_size=30", "data.image_size=30", "model.net.num_latent_scales=2"],
-         "not divisible by the model's down-sampling factor 4"),
+        (
+            ["model.net.image_size=30", "data.image_size=30", "model.net.num_latent_scales=2"],
+            "not divisible by the model's down-sampling factor 4",
+        ),
         (["precision=fp16"], "precision=bf16 or precision=fp32"),
     ],
 )
@@ -81,8 +92,7 @@ def test_unknown_option_is_refused(tmp_path):
 
 def test_ddp_cpu_trains_in_one_run_dir(tmp_path):
     res = run_cli(
-        ["jointgen-train", "hardware=ddp_cpu", *FAST, "trainer.max_epochs=1",
-         "data.num_train=64"],
+        ["jointgen-train", "hardware=ddp_cpu", *FAST, "trainer.max_epochs=1", "data.num_train=64"],
         tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]

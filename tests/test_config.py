@@ -47,7 +47,9 @@ def test_experiment_composes_and_builds(experiment):
 @pytest.mark.parametrize("precision", PRECISION)
 @pytest.mark.parametrize("logger", LOGGERS)
 def test_groups_compose(hardware, precision, logger):
-    cfg = _compose(overrides=[f"hardware={hardware}", f"precision={precision}", f"logger={logger}"])
+    cfg = _compose(
+        overrides=[f"hardware={hardware}", f"precision={precision}", f"logger={logger}"]
+    )
     assert cfg.trainer.precision in ("32-true", "bf16-mixed", "16-mixed")
     if hardware in ("multi_gpu", "multi_node", "ddp_cpu"):
         assert cfg.trainer.strategy == "ddp"
@@ -79,9 +81,20 @@ def test_configs_ship_inside_the_wheel(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(tmp_path)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(repo),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
     )
     (whl,) = tmp_path.glob("jointgen-*.whl")
     site = tmp_path / "site"
@@ -91,9 +104,14 @@ def test_configs_ship_inside_the_wheel(tmp_path):
         "assert pathlib.Path(jointgen.__file__).is_relative_to(pathlib.Path(r'%s'))\n"
         "with initialize_config_dir(version_base='1.3', config_dir=jointgen.CONF_DIR):\n"
         "    cfg = compose('train', overrides=['experiment=nvae_cifar10'])\n"
-        "print(cfg.model.net.num_channels)" % site
+        "print(cfg.model.net.num_channels)"
+    ).replace("%s", str(site))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
-    out = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(site)},
-                         capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "128"

@@ -27,7 +27,11 @@ TINY_CONFIGS = [
     dict(TINY, num_nf=1),
     dict(TINY, num_latent_scales=2, ada_groups=True, image_size=16),
     dict(
-        TINY, in_channels=1, image_size=14, pad_input=True, decoder_dist="bernoulli",
+        TINY,
+        in_channels=1,
+        image_size=14,
+        pad_input=True,
+        decoder_dist="bernoulli",
         num_latent_scales=2,
     ),
 ]
@@ -41,22 +45,46 @@ class TestBuild:
     # reference counts (spec nvae.md sections 4 and 7), checked on the meta device
     PAPER = {
         "mnist": (
-            dict(in_channels=1, image_size=28, pad_input=True, decoder_dist="bernoulli",
-                 num_channels=32, num_preprocess_blocks=2, num_preprocess_cells=3,
-                 num_postprocess_blocks=2, num_postprocess_cells=3, num_latent_scales=2,
-                 num_groups_per_scale=10, ada_groups=True),
+            dict(
+                in_channels=1,
+                image_size=28,
+                pad_input=True,
+                decoder_dist="bernoulli",
+                num_channels=32,
+                num_preprocess_blocks=2,
+                num_preprocess_cells=3,
+                num_postprocess_blocks=2,
+                num_postprocess_cells=3,
+                num_latent_scales=2,
+                num_groups_per_scale=10,
+                ada_groups=True,
+            ),
             33.4e6,
         ),
         "cifar10": (dict(num_channels=128, num_groups_per_scale=30, num_nf=1), 130.9e6),
         "celeba64": (
-            dict(image_size=64, num_channels=64, num_latent_scales=3, num_groups_per_scale=20,
-                 ada_groups=True, num_nf=1),
+            dict(
+                image_size=64,
+                num_channels=64,
+                num_latent_scales=3,
+                num_groups_per_scale=20,
+                ada_groups=True,
+                num_nf=1,
+            ),
             153.3e6,
         ),
         "imagenet32": (dict(num_channels=192, num_groups_per_scale=28, num_nf=1), 268.5e6),
         "celebahq256": (
-            dict(image_size=256, num_channels=30, num_latent_scales=5, num_groups_per_scale=16,
-                 ada_groups=True, min_groups_per_scale=4, num_nf=2, num_x_bits=5),
+            dict(
+                image_size=256,
+                num_channels=30,
+                num_latent_scales=5,
+                num_groups_per_scale=16,
+                ada_groups=True,
+                min_groups_per_scale=4,
+                num_nf=2,
+                num_x_bits=5,
+            ),
             330.8e6,
         ),
     }
@@ -74,14 +102,21 @@ class TestBuild:
         assert round(nparams(NVAE(num_nf=1)) / 1e6, 3) == 0.306
         assert round(nparams(NVAE(image_size=16)) / 1e6, 3) == 0.191
         assert (
-            round(nparams(NVAE(in_channels=1, decoder_dist="bernoulli", num_latent_scales=2))
-                  / 1e6, 3)
+            round(
+                nparams(NVAE(in_channels=1, decoder_dist="bernoulli", num_latent_scales=2)) / 1e6,
+                3,
+            )
             == 0.815
         )
 
     def test_ada_groups(self):
-        net = NVAE(num_channels=4, image_size=64, num_latent_scales=3, num_groups_per_scale=20,
-                   ada_groups=True)
+        net = NVAE(
+            num_channels=4,
+            image_size=64,
+            num_latent_scales=3,
+            num_groups_per_scale=20,
+            ada_groups=True,
+        )
         assert net.groups == [20, 10, 5]
 
     def test_indivisible_size_is_refused(self):
@@ -183,8 +218,9 @@ class TestForward:
         for p in cell.parameters():
             torch.nn.init.normal_(p, std=0.3)
         z = torch.randn(1, 3, 4, 4)
-        jac = torch.autograd.functional.jacobian(lambda t: cell(t.view(1, 3, 4, 4)).flatten(),
-                                                 z.flatten())
+        jac = torch.autograd.functional.jacobian(
+            lambda t: cell(t.view(1, 3, 4, 4)).flatten(), z.flatten()
+        )
         # order: position-major then channel, so permute (C, H, W) -> (H, W, C)
         idx = torch.arange(48).view(3, 4, 4).permute(1, 2, 0).flatten()
         j = jac[idx][:, idx]

@@ -7,11 +7,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from helpers import TINY_OVERRIDES, compose_cfg
 from jointgen.evaluate import run_eval
 from jointgen.models.nvae_module import NonFiniteLossError
 from jointgen.train import run_train
-
-from helpers import TINY_OVERRIDES, compose_cfg
 
 
 def _metrics(cfg) -> dict:
@@ -23,9 +22,15 @@ def test_short_run_learns(tmp_path):
     cfg = compose_cfg(
         "train",
         TINY_OVERRIDES
-        + ["trainer.max_epochs=40", "data.num_train=64", "data.num_val=32",
-           "model.num_iw_samples_val=1", "model.optimizer.lr=5e-3",
-           "callbacks.sample_grid.every_n_epochs=100", "test=false"],
+        + [
+            "trainer.max_epochs=40",
+            "data.num_train=64",
+            "data.num_val=32",
+            "model.num_iw_samples_val=1",
+            "model.optimizer.lr=5e-3",
+            "callbacks.sample_grid.every_n_epochs=100",
+            "test=false",
+        ],
         tmp_path,
     )
     run_train(cfg)
@@ -48,8 +53,9 @@ def test_checkpoint_eval_reproduces_validation(tmp_path):
     # the checkpoint holds only primitives and tensors
     torch.load(ckpt, map_location="cpu", weights_only=True)
 
-    ecfg = compose_cfg("eval", [f"ckpt_path={ckpt}", "split=val", "num_iw_samples=10"],
-                       tmp_path / "eval")
+    ecfg = compose_cfg(
+        "eval", [f"ckpt_path={ckpt}", "split=val", "num_iw_samples=10"], tmp_path / "eval"
+    )
     res = run_eval(ecfg)
     assert res["metrics"]["test/bpd"] == pytest.approx(out["metrics"]["val/bpd"], abs=1e-4)
     assert res["metrics"]["test/nelbo_bpd"] == pytest.approx(
@@ -77,7 +83,8 @@ def _fit_with_poison(tmp_path, bad_steps, max_bad):
     from jointgen.utils.runtime import build_trainer
 
     cfg = compose_cfg(
-        "train", TINY_OVERRIDES + ["trainer.max_epochs=3", f"model.max_bad_steps={max_bad}"],
+        "train",
+        TINY_OVERRIDES + ["trainer.max_epochs=3", f"model.max_bad_steps={max_bad}"],
         tmp_path,
     )
     pl.seed_everything(0)
@@ -113,7 +120,9 @@ def test_model_and_data_mismatch_is_one_line_error(tmp_path):
     from jointgen.utils.checks import ConfigError
 
     cfg = compose_cfg("train", TINY_OVERRIDES + ["model.net.image_size=32"], tmp_path)
-    with pytest.raises(ConfigError, match=r"model.net.image_size=32 but the data images are 16x16"):
+    with pytest.raises(
+        ConfigError, match=r"model.net.image_size=32 but the data images are 16x16"
+    ):
         run_train(cfg)
 
 

@@ -18,7 +18,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from jointgen import CONF_DIR
-
 from jointgen.callbacks.rng_state import RNGState
 from jointgen.utils.checks import check_hardware, check_model_data
 from jointgen.utils.instantiate import instantiate_nodes
@@ -30,9 +29,7 @@ log = logging.getLogger(__name__)
 def metric_value(metrics: dict, name: str) -> float:
     """The value of ``name`` in ``metrics``, or a clear error listing what is available."""
     if name not in metrics:
-        raise KeyError(
-            f"optimized_metric={name!r} was not logged; available: {sorted(metrics)}"
-        )
+        raise KeyError(f"optimized_metric={name!r} was not logged; available: {sorted(metrics)}")
     v = metrics[name]
     return float(v.item() if isinstance(v, torch.Tensor) else v)
 
@@ -65,7 +62,9 @@ def run_train(cfg: DictConfig) -> float | None:
             res = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
             for r in res:
                 metrics.update({k: _num(v) for k, v in r.items()})
-        value = metric_value(metrics, cfg.optimized_metric) if cfg.get("optimized_metric") else None
+        value = (
+            metric_value(metrics, cfg.optimized_metric) if cfg.get("optimized_metric") else None
+        )
         if trainer.is_global_zero:
             _write_outputs(cfg, model, trainer, metrics, best, out_dir)
         return value

@@ -80,8 +80,8 @@ class NVAELitModule(LightningModule):
         eval_seed: int = 1234,
     ) -> None:
         super().__init__()
-        # primitives only, so checkpoints load with weights_only=True; the optimizer partial is kept
-        # as an attribute and the full config is stored by the entry point
+        # primitives only, so checkpoints load with weights_only=True; the optimizer partial
+        # is kept as an attribute and the full config is stored by the entry point
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer"])
         self.optimizer = optimizer
         self.net = net
@@ -209,7 +209,8 @@ class NVAELitModule(LightningModule):
         if self.bad_steps >= self.hparams.max_bad_steps:
             raise NonFiniteLossError(
                 f"stopping: {self.bad_steps} consecutive non-finite losses at step "
-                f"{self.global_step} (first culprit: {culprit}); the last good checkpoint is kept. "
+                f"{self.global_step} (first culprit: {culprit}); the last good checkpoint is "
+                "kept. "
                 "Try a lower model.optimizer.lr (5e-3 or 1e-3 for small batches), a larger "
                 "model.weight_decay_norm, or check the data for corrupt images"
             )

@@ -39,9 +39,7 @@ def check_model_data(net, datamodule) -> None:
             f"model.net.in_channels={net.in_channels} but the data has {c} channel(s)"
         )
     if h != net.image_size or w != net.image_size:
-        raise ConfigError(
-            f"model.net.image_size={net.image_size} but the data images are {h}x{w}"
-        )
+        raise ConfigError(f"model.net.image_size={net.image_size} but the data images are {h}x{w}")
     binary = bool(getattr(datamodule, "binary", False))
     if binary != (net.decoder_dist == "bernoulli"):
         want = "bernoulli" if binary else "dmol"

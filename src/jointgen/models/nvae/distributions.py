@@ -6,6 +6,7 @@ PixelCNN++ (Salimans et al., 2017, arXiv 1701.05517) for the discretised mixture
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -58,7 +59,7 @@ class Normal:
 
 
 def standard_normal_like(z: torch.Tensor, temp: float = 1.0) -> Normal:
-    """The top prior N(0, I); its effective sigma is 1.01 because of the floor (kept on purpose)."""
+    """The top prior N(0, I); its effective sigma is 1.01 because of the floor (on purpose)."""
     zeros = torch.zeros_like(z)
     return Normal(zeros, zeros, temp)
 
@@ -92,22 +93,39 @@ class DiscMixLogistic:
 
     Deviation from the reference (documented in the README): the upper tail is used for the top
     level only (threshold 1 - half bin, not 0.99), so the pmf sums to exactly 1 over all levels.
+
+    ``log_prob`` runs a fused kernel (``_DMoLLogProb``) that computes the gradient with respect
+    to the parameters in the forward pass and keeps only two full-size tensors for backward;
+    ``_log_prob_autograd`` is the plain formula, used when ``x`` itself needs a gradient.
     """
 
     def __init__(self, params: torch.Tensor, channels: int, num_mix: int, num_bits: int = 8):
-        b, _, h, w = params.shape
-        m, c = num_mix, channels
-        self.c, self.m = c, m
-        self.logit_pi = params[:, :m]  # B, M, H, W
-        rest = params[:, m:]
-        self.means = rest[:, : c * m].reshape(b, c, m, h, w)
-        self.log_scales = rest[:, c * m : 2 * c * m].reshape(b, c, m, h, w).clamp(min=-7.0)
-        n_coef = c * (c - 1) // 2
-        self.coeffs = torch.tanh(rest[:, 2 * c * m : (2 * c + n_coef) * m]).reshape(
-            b, n_coef, m, h, w
-        )
+        self.params = params
+        self.c, self.m = channels, num_mix
         self.levels = 2**num_bits - 1
         self.half_bin = 1.0 / self.levels  # half bin width in [-1, 1] units
+
+    # the split views are built on demand: training only needs log_prob, which reads params
+    @property
+    def logit_pi(self) -> torch.Tensor:
+        return self.params[:, : self.m]  # B, M, H, W
+
+    def _split(self, i: int, n: int) -> torch.Tensor:
+        b, _, h, w = self.params.shape
+        lo = self.m + i * self.c * self.m
+        return self.params[:, lo : lo + n * self.m].reshape(b, n, self.m, h, w)
+
+    @functools.cached_property
+    def means(self) -> torch.Tensor:
+        return self._split(0, self.c)  # B, C, M, H, W
+
+    @functools.cached_property
+    def log_scales(self) -> torch.Tensor:
+        return self._split(1, self.c).clamp(min=-7.0)
+
+    @functools.cached_property
+    def coeffs(self) -> torch.Tensor:
+        return torch.tanh(self._split(2, self.c * (self.c - 1) // 2))
 
     @staticmethod
     def num_params(channels: int, num_mix: int) -> int:
@@ -127,6 +145,16 @@ class DiscMixLogistic:
 
     def log_prob(self, x01: torch.Tensor) -> torch.Tensor:
         """Per-pixel log-likelihood (B, H, W) of ``x01`` in [0, 1]; channels are summed inside."""
+        if x01.requires_grad:
+            return self._log_prob_autograd(x01)
+        if torch.is_grad_enabled() and self.params.requires_grad:
+            return _DMoLLogProb.apply(self.params, x01, self.c, self.m, self.half_bin)
+        q, x, kdim = _layout(self.params, x01)
+        out = _dmol_terms(q, x, kdim, self.c, self.m, self.half_bin, need_grad=False)[0]
+        return out.to(self.params.dtype)
+
+    def _log_prob_autograd(self, x01: torch.Tensor) -> torch.Tensor:
+        """The same density written as plain differentiable ops (the readable reference)."""
         x = 2.0 * x01 - 1.0  # B, C, H, W
         mu = self._conditional_means(x)  # B, C, M, H, W
         xe = x.unsqueeze(2)
@@ -140,9 +168,7 @@ class DiscMixLogistic:
         # log pdf at the bin centre, used where the difference of CDFs underflows
         mid = inv_s * centered
         log_pdf_mid = mid - self.log_scales - 2.0 * F.softplus(mid) + math.log(2 * self.half_bin)
-        inner = torch.where(
-            cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid
-        )
+        inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid)
         lo = -1.0 + self.half_bin  # midpoint between the two lowest levels
         hi = 1.0 - self.half_bin
         lp = torch.where(xe < lo, log_cdf_plus, torch.where(xe > hi, log_one_minus_cdf_min, inner))
@@ -184,3 +210,169 @@ class DiscMixLogistic:
             out.append(xc.clamp(-1.0, 1.0))
         x = (torch.stack(out, dim=1) + 1.0) / 2.0
         return torch.round(x * self.levels) / self.levels
+
+
+# --- fused DMoL log-likelihood ---------------------------------------------------------------
+# The autograd version keeps about fifteen full-size (B, C, M, H, W) temporaries for backward and
+# spends most of its time in softplus and where. Here the per-element log-probability and its two
+# partial derivatives (d/d mean, d/d log-scale) are computed together in the forward pass, so
+# backward is a few products. Work happens in the decoder output's own memory layout (the
+# parameter axis is dim 1 for NCHW, dim 3 for channels-last) so nothing is transposed, and the
+# rare branches (edge levels, underflowing CDF differences) run on their few elements only.
+
+
+def _layout(params: torch.Tensor, x01: torch.Tensor):
+    """Parameters and data in [-1, 1] as float32, with the parameter/colour axis at ``kdim``."""
+    nhwc = params.dim() == 4 and not params.is_contiguous()
+    nhwc = nhwc and params.is_contiguous(memory_format=torch.channels_last)
+    q, x = params.float(), 2.0 * x01.float() - 1.0
+    if nhwc:
+        return q.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1).contiguous(), 3
+    return q, x.contiguous(), 1
+
+
+def _put(t: torch.Tensor, idx: torch.Tensor, v: torch.Tensor) -> None:
+    t.view(-1)[idx] = v
+
+
+def _dmol_terms(q, x, kdim: int, c: int, m: int, half_bin: float, need_grad: bool):
+    """log p(x) per pixel and, if ``need_grad``, the tensors backward needs.
+
+    Args:
+        q: parameters with the K = M(1 + 2C + C(C-1)/2) axis at ``kdim``;
+        x: data in [-1, 1] with the colour axis at ``kdim``.
+    Returns:
+        (log_prob without the K axis, dict of saved tensors or None).
+    """
+    cm, n_coef = c * m, c * (c - 1) // 2
+
+    def block(start: int, n: int) -> torch.Tensor:  # (.., n, M, ..) slice of q
+        return q.narrow(kdim, start, n * m).unflatten(kdim, (n, m))
+
+    cdim, mdim = kdim, kdim + 1  # colour and component axes of the full-size tensors
+    logit_pi = q.narrow(kdim, 0, m)
+    means, ls_raw = block(m, c), block(m + cm, c)
+    log_s = ls_raw.clamp(min=-7.0).contiguous()
+    xe = x.unsqueeze(mdim)
+    pairs = [(ch, j) for ch in range(1, c) for j in range(ch)]
+    if pairs:
+        coef = torch.tanh(block(m + 2 * cm, n_coef).contiguous())  # tanh is slow on strides
+    mu = torch.empty(log_s.shape, dtype=q.dtype, device=q.device)
+    mu.select(cdim, 0).copy_(means.select(cdim, 0))
+    for ch in range(1, c):
+        mc = means.select(cdim, ch)
+        for k, (c_k, j) in enumerate(pairs):
+            if c_k == ch:
+                mc = mc + coef.select(cdim, k) * xe.select(cdim, j)
+        mu.select(cdim, ch).copy_(mc)
+
+    centered = xe - mu
+    del mu
+    inv_s = torch.exp(-log_s)
+    plus = (centered + half_bin) * inv_s
+    minus = (centered - half_bin) * inv_s
+    sp, sm = torch.sigmoid(plus), torch.sigmoid(minus)
+    delta = sp - sm
+    lp = torch.log(delta.clamp(min=1e-12))
+    # bins where the CDF difference underflows take the log pdf at the bin centre instead
+    pdf_idx = (~(delta > 1e-5)).view(-1).nonzero().squeeze(1)
+    g_mu = g_ls = None
+    if need_grad:
+        # d lp / d plus = s'(plus) / delta, d lp / d minus = -s'(minus) / delta
+        r = delta.reciprocal_()
+        g_plus = (1.0 - sp).mul_(sp).mul_(r)
+        g_minus = (1.0 - sm).mul_(sm).mul_(r)
+        del r
+        g_mu = (g_minus - g_plus).mul_(inv_s)  # d plus / d mu = d minus / d mu = -1/s
+        g_ls = minus * g_minus
+        g_ls.sub_(plus * g_plus)  # d plus / d log s = -plus, likewise for minus
+        del g_plus, g_minus
+    del delta
+
+    if pdf_idx.numel():
+        i = pdf_idx
+        t_inv = inv_s.view(-1)[i]
+        mid = centered.view(-1)[i] * t_inv
+        _put(lp, i, mid - log_s.view(-1)[i] - 2.0 * F.softplus(mid) + math.log(2 * half_bin))
+        if need_grad:
+            d_mid = 1.0 - 2.0 * torch.sigmoid(mid)
+            _put(g_mu, i, -t_inv * d_mid)
+            _put(g_ls, i, -mid * d_mid - 1.0)
+
+    # edge levels take the open tails: lower CDF at the lowest level, upper at the highest
+    inner = x[0, 0].numel() if cdim == 1 else 1  # x elements after the colour axis
+    offs = torch.arange(m, device=x.device) * inner
+    for below in (True, False):
+        edge = x < -1.0 + half_bin if below else x > 1.0 - half_bin
+        e = edge.view(-1).nonzero()  # (n, 1) flat indices into x; each covers M elements
+        if not e.numel():
+            continue
+        i = ((e // inner) * (m * inner) + e % inner + offs).view(-1)
+        t_inv = inv_s.view(-1)[i]
+        if below:
+            t, d = plus.view(-1)[i], 1.0 - sp.view(-1)[i]
+            _put(lp, i, t - F.softplus(t))  # log sigmoid(plus)
+        else:
+            t, d = minus.view(-1)[i], -sm.view(-1)[i]
+            _put(lp, i, -F.softplus(t))  # log(1 - sigmoid(minus))
+        if need_grad:
+            _put(g_mu, i, -t_inv * d)
+            _put(g_ls, i, -t * d)
+
+    # logsumexp_m(L_m + log_softmax(pi)_m) = logsumexp_m(L_m + pi_m) - logsumexp_m(pi_m)
+    lw = lp.sum(dim=cdim) + logit_pi
+    lse_w = torch.logsumexp(lw, dim=kdim, keepdim=True)
+    lse_pi = torch.logsumexp(logit_pi, dim=kdim, keepdim=True)
+    out = (lse_w - lse_pi).squeeze(kdim)
+    if not need_grad:
+        return out, None
+    g_ls.mul_(ls_raw >= -7.0)  # the clamp passes no gradient below -7
+    resp = torch.exp(lw - lse_w)  # posterior over the components
+    saved = dict(g_mu=g_mu, g_ls=g_ls, resp=resp, d_pi=resp - torch.exp(logit_pi - lse_pi))
+    if pairs:
+        # d mu_c / d coef_raw for each (c, j) pair: x_j (1 - tanh^2)
+        xj = torch.stack([xe.select(cdim, j) for _, j in pairs], dim=cdim)
+        saved["d_coef"] = (1.0 - coef * coef).mul_(xj)
+    return out, saved
+
+
+class _DMoLLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, params, x01, c, m, half_bin):
+        q, x, kdim = _layout(params, x01)
+        out, saved = _dmol_terms(q, x, kdim, c, m, half_bin, need_grad=True)
+        ctx.save_for_backward(*saved.values())
+        ctx.c, ctx.m, ctx.kdim, ctx.dtype = c, m, kdim, params.dtype
+        ctx.shape = params.shape
+        return out.to(params.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        g_mu, g_ls, resp, d_pi, *d_coef = ctx.saved_tensors
+        c, m, kdim = ctx.c, ctx.m, ctx.kdim
+        cdim = kdim
+        go = grad.float().unsqueeze(kdim)
+        w = (go * resp).unsqueeze(cdim)  # each component's share of the gradient
+        n_coef = c * (c - 1) // 2
+        b, _, h, wd = ctx.shape
+        shape = (b, h, wd, ctx.shape[1]) if kdim == 3 else tuple(ctx.shape)
+        dq = torch.empty(shape, device=resp.device)
+
+        def block(start: int, n: int) -> torch.Tensor:
+            return dq.narrow(kdim, start, n * m).unflatten(kdim, (n, m))
+
+        torch.mul(go, d_pi, out=dq.narrow(kdim, 0, m))
+        d_mu = block(m, c)
+        torch.mul(g_mu, w, out=d_mu)
+        torch.mul(g_ls, w, out=block(m + c * m, c))
+        if n_coef:
+            d_cf = block(m + 2 * c * m, n_coef)
+            pairs = [(ch, j) for ch in range(1, c) for j in range(ch)]
+            for k, (ch, _) in enumerate(pairs):
+                torch.mul(
+                    d_mu.select(cdim, ch), d_coef[0].select(cdim, k), out=d_cf.select(cdim, k)
+                )
+        if kdim == 3:
+            dq = dq.permute(0, 3, 1, 2)
+        return dq.to(ctx.dtype), None, None, None, None

@@ -61,7 +61,7 @@ class MaskedConv2d(WNConv2d):
 
 
 class ARCell(nn.Module):
-    """Masked 3x3 (E=6, diagonal excluded), ELU, masked depthwise 5x5, ELU, masked 1x1 (x0.1) = mu."""
+    """Masked 3x3 (E=6, no diagonal), ELU, masked depthwise 5x5, ELU, masked 1x1 (x0.1) = mu."""
 
     def __init__(self, cz: int, mirror: bool, expand: int = 6) -> None:
         super().__init__()

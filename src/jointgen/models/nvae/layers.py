@@ -9,6 +9,9 @@ Only torch is imported, so every block can be built and tested without Lightning
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +31,9 @@ class WNConv2d(nn.Conv2d):
     The effective weight is ``exp(log_weight_norm) * w / (||w|| + 1e-5)`` with the norm taken
     per output channel over (Cin, kh, kw). ``log_weight_norm`` starts at ``log(||w|| + 0.01)``
     so the initial effective weight equals PyTorch's default initialisation.
+
+    The normalised weight of the last forward is cached (spec 1.3) so the spectral regulariser
+    reuses it, graph included; the cache is dropped as soon as a parameter changes.
     """
 
     def __init__(self, *args, weight_norm: bool = True, **kwargs) -> None:
@@ -38,20 +44,127 @@ class WNConv2d(nn.Conv2d):
             self.log_weight_norm = nn.Parameter(init)
         else:
             self.register_parameter("log_weight_norm", None)
+        self._cache: tuple | None = None
+        # depthwise kxk, stride 1: eligible for the cheaper CPU weight gradient below
+        self._depthwise = (
+            self.groups == self.in_channels == self.out_channels
+            and self.kernel_size[0] > 1
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.padding_mode == "zeros"
+            and isinstance(self.padding, tuple)
+        )
 
     @staticmethod
     def _weight_norm(w: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(w, dim=(1, 2, 3), keepdim=True)
 
+    def _compute_weight(self) -> torch.Tensor:
+        # eps 1e-5 in the denominator keeps backward finite when a kernel's norm collapses;
+        # the per-channel factor is formed first so the full kernel is touched once
+        scale = self.log_weight_norm.exp() / (self._weight_norm(self.weight) + 1e-5)
+        return self.weight * scale
+
+    def _cache_key(self) -> tuple:
+        ps = (self.weight, self.log_weight_norm)
+        return (torch.is_grad_enabled(), *[(p.data_ptr(), p._version, p.dtype) for p in ps])
+
+    def _forget(self, _grad: torch.Tensor) -> None:
+        self._cache = None  # backward has reached the cached weight: its graph is spent
+
     def normalized_weight(self) -> torch.Tensor:
         """The weight the convolution actually applies (what spectral regularisation reads)."""
         if not self.use_weight_norm:
             return self.weight
-        # eps 1e-5 in the denominator keeps backward finite when a kernel's norm collapses
-        return self.log_weight_norm.exp() * self.weight / (self._weight_norm(self.weight) + 1e-5)
+        if self._cache is not None and self._cache[0] == self._cache_key():
+            return self._cache[1]
+        return self._compute_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.normalized_weight(), self.bias)
+        w = self.weight
+        if type(self).normalized_weight is not WNConv2d.normalized_weight:
+            w = self.normalized_weight()  # a subclass's own weight (the masked flow convs)
+        elif self.use_weight_norm:
+            w = self._compute_weight()
+            if not (_recomputing() or torch.compiler.is_compiling()):
+                self._cache = (self._cache_key(), w)
+                if w.requires_grad:
+                    w.register_hook(self._forget)
+        if (
+            self._depthwise
+            and self.bias is None
+            and x.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and _custom_dw_grad(x)
+            and not torch.compiler.is_compiling()
+        ):
+            return _DepthwiseConv.apply(x, w, self.padding)
+        return self._conv_forward(x, w, self.bias)
+
+    def __getstate__(self):  # the cached tensor (and its graph) is not part of the state
+        return {**self.__dict__, "_cache": None}
+
+
+# --- depthwise conv with a cheaper weight gradient on CPU -------------------------------------
+# oneDNN's weight gradient for depthwise 5x5 is the slowest op of an NVAE step on CPU: several
+# times its forward, worst in NCHW and for small batches. Summing the 25 shifted products
+# ``x[.., i:i+H, j:j+W] * grad`` over (batch, H, W) gives the same numbers faster there.
+
+
+def _custom_dw_grad(x: torch.Tensor) -> bool:
+    import os  # TEMP-AB
+
+    if os.environ.get("JG_DW") == "2":
+        return False  # TEMP-AB
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return True  # NCHW (or ambiguous): the shifted-product sum always wins
+    import os  # TEMP-AB
+
+    if os.environ.get("JG_DW") == "1":
+        return True  # TEMP-AB
+    if os.environ.get("JG_DW") == "2":
+        return False  # TEMP-AB
+    return x.shape[1] > 32 * x.shape[0]  # channels-last: only when channels >> batch
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, padding):
+        ctx.save_for_backward(x, w)
+        ctx.padding = padding
+        return F.conv2d(x, w, None, 1, padding, 1, w.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        (ph, pw), (kh, kw) = ctx.padding, w.shape[2:]
+        fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+        grad = grad.contiguous(memory_format=fmt)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(
+                grad,
+                x,
+                w,
+                None,
+                (1, 1),
+                (ph, pw),
+                (1, 1),
+                False,
+                (0, 0),
+                w.shape[0],
+                (True, False, False),
+            )[0]
+        if ctx.needs_input_grad[1]:
+            h, wd = grad.shape[2:]
+            xp = F.pad(x, (pw, pw, ph, ph))
+            gw = torch.empty(w.shape[0], kh, kw, dtype=w.dtype, device=w.device)
+            for i in range(kh):
+                for j in range(kw):
+                    gw[:, i, j] = (xp[:, :, i : i + h, j : j + wd] * grad).sum((0, 2, 3))
+            gw = gw.unsqueeze(1).contiguous(memory_format=fmt)
+        return gx, gw, None
 
 
 def conv(cin: int, cout: int, k: int = 3, stride: int = 1, **kw) -> WNConv2d:
@@ -66,18 +179,100 @@ def plain_conv(cin: int, cout: int, k: int = 1, groups: int = 1) -> WNConv2d:
     )
 
 
-def batch_norm(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
+# --- BatchNorm that survives recomputation ----------------------------------------------------
+# Activation checkpointing re-runs a cell's forward in backward. A plain BatchNorm would then
+# update its running statistics a second time; during the re-run ours normalises with the batch
+# statistics (the same values) and leaves the running statistics alone. (Up to torch 2.x the
+# stock modules do update twice, as does the reference implementation's recomputed BN.)
+
+_state = threading.local()
+
+
+def _recomputing() -> bool:
+    return getattr(_state, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _recompute_context():
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
+def checkpoint_call(fn, *args):
+    """Non-reentrant activation checkpointing that keeps BN running statistics exact."""
+    ctx = lambda: (contextlib.nullcontext(), _recompute_context())  # noqa: E731
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=ctx)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that does not update its running statistics when recomputed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats and _recomputing():
+            # throw-away copies: the autograd node must save the same tensors as the first run
+            rm, rv = self.running_mean.clone(), self.running_var.clone()
+            return F.batch_norm(x, rm, rv, self.weight, self.bias, True, 0.0, self.eps)
+        return super().forward(x)
+
+    def momentum_factor(self) -> float:
+        """The running-average factor of this step; also counts the batch, as BN does."""
+        if self.num_batches_tracked is None:
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+
+def batch_norm(c: int) -> BatchNorm2d:
+    return BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
 # --- memory-lean BatchNorm + Swish -----------------------------------------------------------
 
 
+class _BNSwishFn(torch.autograd.Function):
+    """Training-mode BN then Swish, storing only the BN input; backward recomputes the BN
+    output with one fused multiply-add (NVAE's fused BN-Swish, written with aten ops)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        return F.silu(y)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        scale = invstd * weight
+        shift = (bias - mean * scale).view(1, -1, 1, 1)
+        y = torch.addcmul(shift, x, scale.view(1, -1, 1, 1)).to(x.dtype)
+        gy = torch.ops.aten.silu_backward(grad.contiguous(memory_format=_format(x)), y)
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy, x, weight, None, None, mean, invstd, True, ctx.eps, ctx.needs_input_grad[:3]
+        )
+        return gx, gw, gb, None, None, None, None
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class BNSwish(nn.Module):
     """BatchNorm followed by Swish.
 
-    With ``recompute=True`` the pair runs under activation checkpointing, so only the BN input
-    is stored for backward (the trick the NVAE paper credits with ~18% memory savings).
+    With ``recompute=True`` training runs a fused function that stores only the BN input and
+    recomputes the BN output in backward (the trick the NVAE paper credits with ~18% memory
+    savings), at the cost of one extra elementwise pass.
     """
 
     def __init__(self, c: int, recompute: bool = False) -> None:
@@ -85,20 +280,31 @@ class BNSwish(nn.Module):
         self.bn = batch_norm(c)
         self.recompute = recompute
 
-    def _f(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.bn(x))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.recompute and self.training and x.requires_grad:
-            return checkpoint(self._f, x, use_reentrant=False)
-        return F.silu(self.bn(x))
+        bn = self.bn
+        # a SyncBatchNorm (multi-GPU conversion) or an affine-free BN takes the plain path
+        import os  # TEMP-AB
+
+        fused = (
+            (self.recompute or os.environ.get("JG_BNS") == "1")
+            and self.training
+            and torch.is_grad_enabled()
+        )  # TEMP-AB
+        if not (fused and type(bn) is BatchNorm2d and bn.affine and x.requires_grad):
+            return F.silu(bn(x))
+        if _recomputing() or not bn.track_running_stats:
+            stats, momentum = (None, None), 0.0
+        else:
+            stats, momentum = (bn.running_mean, bn.running_var), bn.momentum_factor()
+        return _BNSwishFn.apply(x, bn.weight, bn.bias, *stats, momentum, bn.eps)
 
 
 # --- Squeeze-and-Excitation and skips --------------------------------------------------------
 
 
 class SE(nn.Module):
-    """Squeeze-and-Excitation (Hu et al., 2018): pool, Linear(C, max(C/16, 4)), ReLU, Linear, sigmoid."""
+    """Squeeze-and-Excitation (Hu et al., 2018): pool, Linear(C, max(C/16, 4)), ReLU, Linear,
+    sigmoid."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
@@ -237,7 +443,7 @@ class Cell(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_cell and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
+            return checkpoint_call(self._forward, x)
         return self._forward(x)
 
 

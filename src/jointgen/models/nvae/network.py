@@ -134,7 +134,9 @@ class NVAE(nn.Module):
             if v <= 0:
                 raise ValueError(f"model.net.{name} must be positive, got {v}")
         if decoder_dist not in ("dmol", "bernoulli"):
-            raise ValueError(f"model.net.decoder_dist must be dmol or bernoulli, got {decoder_dist!r}")
+            raise ValueError(
+                f"model.net.decoder_dist must be dmol or bernoulli, got {decoder_dist!r}"
+            )
         factor = 2 ** (num_preprocess_blocks + num_latent_scales - 1)
         padded = -(-image_size // factor) * factor
         if padded != image_size and not pad_input:
@@ -200,7 +202,9 @@ class NVAE(nn.Module):
                 self.enc_sampler.append(conv(c, 2 * G, k=3))
                 if not first:
                     self.dec_groups.append(
-                        nn.Sequential(*[Cell("dec", c, **kw) for _ in range(num_cell_per_cond_dec)])
+                        nn.Sequential(
+                            *[Cell("dec", c, **kw) for _ in range(num_cell_per_cond_dec)]
+                        )
                     )
                     self.dec_sampler.append(nn.Sequential(nn.ELU(), conv(c, 2 * G, k=1)))
                 self.dec_combiners.append(DecCombiner(c, G))
@@ -302,7 +306,7 @@ class NVAE(nn.Module):
         S = len(self.groups)
         k = 0
         for si in range(S):
-            for g in range(self.groups[S - 1 - si]):
+            for _ in range(self.groups[S - 1 - si]):
                 if k == 0 and self.cond_dim > 0:
                     mu_p, ls_p = self.top_prior(s).chunk(2, dim=1)
                     if x is not None:
