@@ -1,0 +1,192 @@
+"""The light ``conv`` image branch of the joint VAE, and the branch interface it defines.
+
+The flat variant of spec §3.3: a conv encoder (32×32 or 64×64, 3 channels) gives the shared
+expert q_img(z | x) and a flat private posterior q(w_img | x) (default 32-d); a conv decoder maps
+[z, w_img] to the mean of a Laplace or Gaussian pixel likelihood with a fixed or learned scale.
+The MMVAE+ auxiliary prior r_img (zero mean, learnable scale; Palumbo, Daunhawer & Vogt, ICLR
+2023, openreview sPsPnzTRBl) supplies w_img in the caption stratum. No BatchNorm anywhere: batch
+statistics would let a masked-out placeholder image change other samples' outputs.
+
+IMAGE-BRANCH INTERFACE (``jointgen.models.joint.branch.ModalityBranch``; the text branch has the
+same methods). ``x`` is the modality's batch (images ``(B, C, H, W)`` in [0, 1], or tokens
+``(B, L)``); ``z`` carries a leading sample axis where noted.
+
+* Attributes ``family`` (posterior family of the shared expert, ``"normal"`` or ``"laplace"``),
+  ``z_dim`` and ``data_dim`` (D_m for likelihood scaling: C·H·W, or L for captions).
+* ``expert(x) -> (q_z, features)``: the shared expert, a ``distributions.Normal`` or ``Laplace``
+  with parameters ``(B, z_dim)``, and whatever the private posterior needs later (here
+  q(w | x); for NVAE the bottom-up feature maps), so the encoder runs once per step.
+* ``log_likelihood(x, z, features=None, *, posterior=True, detach_posterior=False) ->
+  BranchTerms`` for z ``(K, B, z_dim)``: with ``posterior=True`` one w ~ q(w | x[, z]) per
+  shared sample and ``log_ratio = log p(w) - log q(w)`` (``kl`` its closed form, free bits
+  applied); with ``posterior=False`` (cross stratum) w ~ the auxiliary prior r (a hierarchical
+  branch: the conditional prior p(w | z)) and zero density terms. ``detach_posterior`` evaluates
+  log q(w) with detached parameters (DReG). ``features=None`` re-runs the encoder. Returns
+  ``log_px``, ``log_ratio``, ``kl`` of shape ``(K, B)`` (nats per image, summed over pixels)
+  and the posterior draws ``latents`` (for DReG hooks).
+* ``generate(z, temp=1.0, *, aux_prior=False)``: z ``(..., z_dim)`` -> images
+  ``(..., C, H, W)`` in [0, 1] (the likelihood mean), w from p(w) (r(w) when ``aux_prior``) with
+  its scale times ``temp``. The text branch adds ``greedy`` and returns tokens ``(..., L)``.
+* ``reconstruct(x, z=None)``: decode from the posterior means of z (or the given z ``(B, z_dim)``)
+  and w -> ``(B, C, H, W)``.
+* ``private_mean(x, z=None)``: the posterior mean of w, flattened to ``(B, P)`` (for probes).
+
+Only torch is imported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from jointgen.models.joint.branch import BranchTerms, FlatPrivate, cat_latents
+from jointgen.models.joint.distributions import LOG_2PI, Distribution, make_dist
+
+LIKELIHOODS = ("laplace", "gaussian")
+SCALES = ("learned", "fixed")
+
+
+class ConvImageBranch(nn.Module):
+    """Conv encoder/decoder image branch with a flat private latent.
+
+    Args:
+        image_size: side of the square images, a power of two >= 8 (32 or 64 in practice).
+        channels: image channels.
+        z_dim: size of the shared latent z.
+        w_dim: size of the private latent w_img; 0 decodes from z alone (plain MMVAE).
+        hidden_channels: channels of the first conv layer, doubled per level (at most 4x).
+        likelihood: ``laplace`` or ``gaussian`` pixel likelihood.
+        scale: ``learned`` (one log-scale per channel) or ``fixed`` likelihood scale.
+        init_scale: the fixed scale, or the initial learned one (pixels are in [0, 1]).
+        family: posterior family of q(z | x) and q(w | x): ``normal`` or ``laplace``.
+        free_bits: per-dimension KL floor for the closed-form KL of w (nats).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        channels: int = 3,
+        z_dim: int = 32,
+        w_dim: int = 32,
+        hidden_channels: int = 32,
+        likelihood: str = "laplace",
+        scale: str = "learned",
+        init_scale: float = 0.1,
+        family: str = "normal",
+        free_bits: float = 0.0,
+    ) -> None:
+        super().__init__()
+        levels = int(round(math.log2(image_size / 4))) if image_size > 0 else 0
+        if levels < 1 or 4 * 2**levels != image_size:
+            raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        if init_scale <= 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        make_dist(family, torch.zeros(1), torch.zeros(1))  # validates the family name
+        self.image_size, self.channels, self.z_dim, self.w_dim = image_size, channels, z_dim, w_dim
+        self.family, self.likelihood = family, likelihood
+        self.data_dim = channels * image_size * image_size
+
+        widths = [hidden_channels * 2 ** min(i, 2) for i in range(levels)]
+        enc, c_in = [], channels
+        for c in widths:  # each level halves the side: image_size -> 4
+            enc += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.SiLU()]
+            c_in = c
+        self.encoder = nn.Sequential(*enc, nn.Flatten())
+        self.head = nn.Linear(widths[-1] * 16, 2 * (z_dim + w_dim))
+
+        dec: list[nn.Module] = [
+            nn.Linear(z_dim + w_dim, widths[-1] * 16),
+            nn.SiLU(),
+            nn.Unflatten(1, (widths[-1], 4, 4)),
+        ]
+        for c_in, c_out in zip(widths[::-1], widths[::-1][1:]):
+            dec += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU()]
+        dec += [nn.ConvTranspose2d(widths[0], channels, 4, stride=2, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+
+        log_scale = torch.full((channels, 1, 1), math.log(init_scale))
+        if scale == "learned":
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        self.private = FlatPrivate(w_dim, family, free_bits)
+
+    # --- encoder ------------------------------------------------------------------------------
+
+    def expert(self, x: torch.Tensor) -> tuple[Distribution, Distribution | None]:
+        """Shared expert q(z | x) ``(B, z_dim)`` and the private posterior q(w | x) (or None)."""
+        params = self.head(self.encoder(x))
+        loc_z, log_scale_z, loc_w, log_scale_w = params.split(
+            [self.z_dim, self.z_dim, self.w_dim, self.w_dim], dim=-1
+        )
+        q_w = make_dist(self.family, loc_w, log_scale_w) if self.w_dim else None
+        return make_dist(self.family, loc_z, log_scale_z), q_w
+
+    def private_mean(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Posterior mean of w_img, ``(B, w_dim)`` (z is unused: q(w | x) is flat)."""
+        _, q_w = self.expert(x)
+        return q_w.mean if q_w is not None else x.new_zeros(x.shape[0], 0)
+
+    # --- decoder ------------------------------------------------------------------------------
+
+    def decode(self, z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Likelihood mean in [0, 1]: ``(..., z_dim)`` (+ w) -> ``(..., C, H, W)``."""
+        zw = cat_latents(z, w)
+        lead = zw.shape[:-1]
+        out = torch.sigmoid(self.decoder(zw.reshape(-1, zw.shape[-1])))
+        return out.reshape(*lead, *out.shape[1:])
+
+    def pixel_log_prob(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """log p(x | mean) in nats per image: ``x (B, C, H, W)``, ``mean (..., B, C, H, W)``."""
+        log_scale = self.log_scale.clamp(min=-7.0)
+        e = (x - mean) * torch.exp(-log_scale)
+        if self.likelihood == "laplace":
+            lp = -e.abs() - log_scale - math.log(2.0)
+        else:
+            lp = -0.5 * e * e - log_scale - 0.5 * LOG_2PI
+        return lp.flatten(-3).sum(-1)
+
+    def log_likelihood(
+        self,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        features: Distribution | None = None,
+        *,
+        posterior: bool = True,
+        detach_posterior: bool = False,
+    ) -> BranchTerms:
+        """log p(x | z, w) and the private density terms for z ``(K, B, z_dim)``.
+
+        Args:
+            x: images ``(B, C, H, W)`` in [0, 1].
+            z: shared samples ``(K, B, z_dim)``.
+            features: q(w | x) from ``expert``; recomputed when None and ``posterior``.
+            posterior: w ~ q(w | x) (own stratum) or w ~ r(w) (cross stratum).
+            detach_posterior: log q(w) with detached parameters (DReG).
+        """
+        if z.dim() != 3:
+            raise ValueError(f"z must be (K, B, z_dim), got {tuple(z.shape)}")
+        if posterior and features is None and self.w_dim:
+            _, features = self.expert(x)
+        w, log_ratio, kl, latents = self.private.draw(
+            features, z, posterior=posterior, detach_posterior=detach_posterior
+        )
+        log_px = self.pixel_log_prob(x, self.decode(z, w))
+        return BranchTerms(log_px, log_ratio, kl, latents)
+
+    @torch.no_grad()
+    def generate(self, z: torch.Tensor, temp: float = 1.0, *, aux_prior: bool = False):
+        """Images ``(..., C, H, W)`` in [0, 1] from z ``(..., z_dim)``; w from p(w) or r(w)."""
+        return self.decode(z, self.private.prior_sample(z.shape[:-1], temp, aux=aux_prior))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode from the posterior means (or from the given z) -> ``(B, C, H, W)``."""
+        q_z, q_w = self.expert(x)
+        return self.decode(q_z.mean if z is None else z, q_w.mean if q_w is not None else None)
