@@ -15,9 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from jointgen import CONF_DIR
-
-from jointgen.utils.checks import ConfigError, check_hardware, check_model_data
 from jointgen.utils.checkpoint import model_from_checkpoint
+from jointgen.utils.checks import ConfigError, check_hardware, check_model_data
 from jointgen.utils.instantiate import instantiate_nodes
 from jointgen.utils.runtime import build_trainer, finish_loggers
 

@@ -16,9 +16,8 @@ import torch
 from omegaconf import DictConfig
 
 from jointgen import CONF_DIR
-
-from jointgen.utils.checks import ConfigError
 from jointgen.utils.checkpoint import model_from_checkpoint
+from jointgen.utils.checks import ConfigError
 from jointgen.utils.images import save_grid
 
 
