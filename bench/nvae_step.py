@@ -55,6 +55,16 @@ def _rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+def _busy_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux), to spot a loaded machine."""
+    try:
+        with open("/proc/stat") as f:
+            t = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    return (sum(t[:8]) - t[3] - t[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
 def _tune_malloc() -> None:
     # glibc returns freed heap memory to the OS and maps large blocks afresh, so every step
     # page-faults its activations back in; fixed thresholds keep that memory in the process
@@ -106,11 +116,18 @@ def run_one(name: str, steps: int, warmup: int, opts: dict) -> dict:
         opt.step()
 
     times = []
+    busy0, own0, wall0 = _busy_s(), sum(os.times()[:2]), time.perf_counter()
     for _ in range(warmup + steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # CPU time other processes took during the run, as a share of the machine: results from
+    # runs with more than a few percent are not comparable (rerun them on a quiet machine)
+    other = None
+    if busy0 is not None:
+        wall = (time.perf_counter() - wall0) * (os.cpu_count() or 1)
+        other = max(0.0, (_busy_s() - busy0) - (sum(os.times()[:2]) - own0)) / wall
     return {
         "config": name,
         "batch": batch,
@@ -121,6 +138,7 @@ def run_one(name: str, steps: int, warmup: int, opts: dict) -> dict:
         "peak_rss_gb": round(peak_gb, 3),
         "base_rss_gb": round(base_gb, 3),
         "growth_gb": round(peak_gb - base_gb, 3),
+        "other_load": None if other is None else round(other, 3),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         **opts,
@@ -189,6 +207,8 @@ def main() -> None:
             f"first {r['first_step_s']:.2f})  peak RSS {r['peak_rss_gb']:.3f} GB  "
             f"growth {r['growth_gb']:.3f} GB"
         )
+        if r["other_load"] is not None and r["other_load"] > 0.05:
+            line += f"  [machine {100 * r['other_load']:.0f}% busy elsewhere: rerun]"
         if name in REFERENCE:
             ref_s, ref_gb = REFERENCE[name]
             line += (

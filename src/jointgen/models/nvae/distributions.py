@@ -95,7 +95,7 @@ class DiscMixLogistic:
     level only (threshold 1 - half bin, not 0.99), so the pmf sums to exactly 1 over all levels.
 
     ``log_prob`` runs a fused kernel (``_DMoLLogProb``) that computes the gradient with respect
-    to the parameters in the forward pass and keeps only two full-size tensors for backward;
+    to the parameters in the forward pass and keeps three full-size tensors for backward;
     ``_log_prob_autograd`` is the plain formula, used when ``x`` itself needs a gradient.
     """
 
@@ -268,12 +268,13 @@ def _dmol_terms(q, x, kdim: int, c: int, m: int, half_bin: float, need_grad: boo
 
     centered = xe - mu
     del mu
-    inv_s = torch.exp(-log_s)
-    plus = (centered + half_bin) * inv_s
-    minus = (centered - half_bin) * inv_s
+    # in-place where possible: every fresh full-size buffer costs page faults on CPU
+    inv_s = torch.neg(log_s).exp_()
+    plus = (centered + half_bin).mul_(inv_s)
+    minus = (centered - half_bin).mul_(inv_s)
     sp, sm = torch.sigmoid(plus), torch.sigmoid(minus)
     delta = sp - sm
-    lp = torch.log(delta.clamp(min=1e-12))
+    lp = delta.clamp(min=1e-12).log_()
     # bins where the CDF difference underflows take the log pdf at the bin centre instead
     pdf_idx = (~(delta > 1e-5)).view(-1).nonzero().squeeze(1)
     g_mu = g_ls = None
@@ -284,8 +285,8 @@ def _dmol_terms(q, x, kdim: int, c: int, m: int, half_bin: float, need_grad: boo
         g_minus = (1.0 - sm).mul_(sm).mul_(r)
         del r
         g_mu = (g_minus - g_plus).mul_(inv_s)  # d plus / d mu = d minus / d mu = -1/s
-        g_ls = minus * g_minus
-        g_ls.sub_(plus * g_plus)  # d plus / d log s = -plus, likewise for minus
+        # d plus / d log s = -plus, likewise for minus
+        g_ls = g_minus.mul_(minus).sub_(g_plus.mul_(plus))
         del g_plus, g_minus
     del delta
 

@@ -33,7 +33,8 @@ class WNConv2d(nn.Conv2d):
     so the initial effective weight equals PyTorch's default initialisation.
 
     The normalised weight of the last forward is cached (spec 1.3) so the spectral regulariser
-    reuses it, graph included; the cache is dropped as soon as a parameter changes.
+    reuses it, graph included. The cache is ignored once a parameter changes in place and
+    dropped when backward has passed through it (its graph is then freed).
     """
 
     def __init__(self, *args, weight_norm: bool = True, **kwargs) -> None:
@@ -112,19 +113,11 @@ class WNConv2d(nn.Conv2d):
 
 
 def _custom_dw_grad(x: torch.Tensor) -> bool:
-    import os  # TEMP-AB
-
-    if os.environ.get("JG_DW") == "2":
-        return False  # TEMP-AB
     if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
         return True  # NCHW (or ambiguous): the shifted-product sum always wins
-    import os  # TEMP-AB
-
-    if os.environ.get("JG_DW") == "1":
-        return True  # TEMP-AB
-    if os.environ.get("JG_DW") == "2":
-        return False  # TEMP-AB
-    return x.shape[1] > 32 * x.shape[0]  # channels-last: only when channels >> batch
+    # channels-last: oneDNN is competitive up to a few hundred channels, then falls far behind
+    # (6x at 1536 channels, the NVAE decoder cells of the CIFAR-10 model)
+    return x.shape[1] >= 256
 
 
 class _DepthwiseConv(torch.autograd.Function):
@@ -182,8 +175,8 @@ def plain_conv(cin: int, cout: int, k: int = 1, groups: int = 1) -> WNConv2d:
 # --- BatchNorm that survives recomputation ----------------------------------------------------
 # Activation checkpointing re-runs a cell's forward in backward. A plain BatchNorm would then
 # update its running statistics a second time; during the re-run ours normalises with the batch
-# statistics (the same values) and leaves the running statistics alone. (Up to torch 2.x the
-# stock modules do update twice, as does the reference implementation's recomputed BN.)
+# statistics (the same values) and leaves the running statistics alone. (torch's own BatchNorm
+# updates twice under checkpointing, and so did this package's previous recompute option.)
 
 _state = threading.local()
 
@@ -201,10 +194,13 @@ def _recompute_context():
         _state.depth -= 1
 
 
+def _checkpoint_contexts():
+    return contextlib.nullcontext(), _recompute_context()  # (first run, re-run)
+
+
 def checkpoint_call(fn, *args):
     """Non-reentrant activation checkpointing that keeps BN running statistics exact."""
-    ctx = lambda: (contextlib.nullcontext(), _recompute_context())  # noqa: E731
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=ctx)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_checkpoint_contexts)
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -217,8 +213,8 @@ class BatchNorm2d(nn.BatchNorm2d):
             return F.batch_norm(x, rm, rv, self.weight, self.bias, True, 0.0, self.eps)
         return super().forward(x)
 
-    def momentum_factor(self) -> float:
-        """The running-average factor of this step; also counts the batch, as BN does."""
+    def count_batch(self) -> float:
+        """Count this batch as ``forward`` does; returns the running-average factor."""
         if self.num_batches_tracked is None:
             return 0.0 if self.momentum is None else self.momentum
         self.num_batches_tracked.add_(1)
@@ -283,19 +279,13 @@ class BNSwish(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
         # a SyncBatchNorm (multi-GPU conversion) or an affine-free BN takes the plain path
-        import os  # TEMP-AB
-
-        fused = (
-            (self.recompute or os.environ.get("JG_BNS") == "1")
-            and self.training
-            and torch.is_grad_enabled()
-        )  # TEMP-AB
+        fused = self.recompute and self.training and torch.is_grad_enabled()
         if not (fused and type(bn) is BatchNorm2d and bn.affine and x.requires_grad):
             return F.silu(bn(x))
         if _recomputing() or not bn.track_running_stats:
             stats, momentum = (None, None), 0.0
         else:
-            stats, momentum = (bn.running_mean, bn.running_var), bn.momentum_factor()
+            stats, momentum = (bn.running_mean, bn.running_var), bn.count_batch()
         return _BNSwishFn.apply(x, bn.weight, bn.bias, *stats, momentum, bn.eps)
 
 

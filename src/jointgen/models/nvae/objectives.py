@@ -115,17 +115,20 @@ def _v_to_nchw(v: torch.Tensor, kshape: torch.Size) -> torch.Tensor:
     return v.unflatten(1, (kh, kw, cin)).permute(0, 3, 1, 2).flatten(1)
 
 
-# matrices at least this large are iterated one by one instead of being stacked: stacking
-# copies every weight each step, which costs more than the per-matrix calls it saves
+# on CPU, matrices at least this large are iterated one by one instead of being stacked:
+# stacking copies every weight each step, which costs more than the per-matrix calls it saves
+# (on a GPU the copy is cheap and the calls are not, so everything is stacked there)
 _STACK_BELOW = 1 << 16
 
 
 class SpectralRegularizer(nn.Module):
     """Sum over every conv of its largest singular value, by batched power iteration.
 
-    Weights are grouped by matrix shape (Cout, Cin*k*k) and iterated together. The u and v
-    vectors are registered buffers, so they are saved in checkpoints and resumed exactly
-    (the reference kept them in Python dicts). 4 iterations per call, 40 on the first.
+    Weights are grouped by matrix shape (Cout, Cin*k*k) and iterated together (on CPU large
+    matrices one at a time, which avoids copying them). The u and v vectors are registered
+    buffers, so they are saved in checkpoints and resumed exactly (the reference kept them in
+    Python dicts); v is stored in (Cin, kh, kw) order whatever the weights' memory layout.
+    4 iterations per call, 40 on the first.
     """
 
     def __init__(self, net: nn.Module, iters: int = 4, first_iters: int = 40) -> None:
@@ -168,7 +171,8 @@ class SpectralRegularizer(nn.Module):
                 mats = [_conv_matrix(m) for m in convs]
                 r, c = self.shapes[i]
                 n = len(convs)
-                parts = [range(n)] if r * c < _STACK_BELOW else [range(k, k + 1) for k in range(n)]
+                stack = r * c < _STACK_BELOW or u_all.device.type != "cpu"
+                parts = [range(n)] if stack else [range(k, k + 1) for k in range(n)]
                 for part in parts:
                     sigma = self._part_sigma(part, convs, mats, u_all, v_all, iters)
                     total = total + sigma.sum()
