@@ -29,7 +29,11 @@ def check_hardware(cfg: DictConfig) -> None:
 
 
 def check_model_data(net, datamodule) -> None:
-    """The network must be built for the images the data module yields."""
+    """The network must be built for the images (and captions) the data module yields."""
+    branches = getattr(net, "branches", None)
+    if branches is not None and "img" in branches:  # the joint VAE: check both branches
+        _check_joint(branches, datamodule)
+        return
     shape = getattr(datamodule, "image_shape", None)
     if shape is None or not hasattr(net, "in_channels"):
         return
@@ -49,3 +53,22 @@ def check_model_data(net, datamodule) -> None:
     bits = getattr(datamodule, "num_bits", None)
     if bits is not None and not binary and bits != net.num_bits:
         raise ConfigError(f"model.net.num_x_bits={net.num_bits} but the data has {bits} bits")
+
+
+def _check_joint(branches, datamodule) -> None:
+    img, txt = branches["img"], branches["txt"]
+    shape = getattr(datamodule, "image_shape", None)
+    if shape is not None:
+        c, h, _ = shape
+        size = getattr(img, "image_size", None)
+        if size is not None and (h != size or c != img.channels):
+            raise ConfigError(
+                f"model.net.image is built for {img.channels}x{size}x{size} images but the "
+                f"data has {c}x{h}x{h}"
+            )
+    vocab = getattr(datamodule, "vocab", None)
+    emb = txt.encoder.embed.num_embeddings if hasattr(txt.encoder, "embed") else None
+    if vocab is not None and emb is not None and emb != len(vocab):
+        raise ConfigError(
+            f"model.net.text.vocab_size={emb} but the data vocabulary has {len(vocab)} tokens"
+        )
