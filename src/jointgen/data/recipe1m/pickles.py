@@ -1,0 +1,65 @@
+"""Safe loading of the Recipe1M and SEJE pickles.
+
+``classes1M.pkl`` holds two pickles back to back; SEJE's feature pickles ({id: float[300]},
+{id: [float[300], ...]}, {id: int}) and im2recipe's ``*_keys.pkl`` and LMDB values are single
+pickles, often written by Python 2. All go through :class:`RestrictedUnpickler` from
+``jointgen.data.images.common``, which admits plain containers, numbers, strings, bytes and numpy
+arrays only, so a tampered file cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+from jointgen.data.images.common import RestrictedUnpickler
+from jointgen.utils.checks import ConfigError
+
+
+class PickleFormatError(ConfigError, pickle.UnpicklingError):
+    """A pickle that is truncated or refers to a forbidden global (names the file)."""
+
+
+def restricted_loads(data: bytes, source: str, encoding: str = "latin1") -> Any:
+    """Unpickle ``data`` (e.g. an LMDB value) through the restricted unpickler."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), source=source, encoding=encoding).load()
+    except pickle.UnpicklingError as e:
+        raise PickleFormatError(str(e)) from None
+    except (EOFError, IndexError, ValueError) as e:
+        raise PickleFormatError(f"{source}: not a readable pickle ({e!r})") from None
+
+
+def restricted_load_all(path: str | Path, count: int = 1, encoding: str = "latin1") -> list[Any]:
+    """The first ``count`` pickles stored one after another in ``path``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        PickleFormatError: the file is truncated, holds fewer pickles, or refers to a
+            global other than numpy's array constructors (the message names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pickle file not found: {path}")
+    out = []
+    with open(path, "rb") as f:
+        for k in range(count):
+            try:
+                out.append(RestrictedUnpickler(f, source=path, encoding=encoding).load())
+            except EOFError:
+                raise PickleFormatError(
+                    f"{path}: holds {k} pickle(s), expected {count} (truncated?)"
+                ) from None
+            except pickle.UnpicklingError as e:
+                msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+                raise PickleFormatError(msg) from None
+            except (IndexError, ValueError) as e:
+                raise PickleFormatError(f"{path}: not a readable pickle ({e!r})") from None
+    return out
+
+
+def load_feature_pickle(path: str | Path) -> Any:
+    """One SEJE/im2recipe pickle (Python-2 strings decoded as latin-1)."""
+    return restricted_load_all(path, 1)[0]
