@@ -25,7 +25,7 @@ FUNCTION_WORDS = frozenset(
     "a an the and or but then meanwhile once when while if after before during until in on "
     "at for to from into onto with without by of this that these those it its you your i we "
     "be is are let so as also now next finally first second third again optional note tip "
-    "repeat do don't can may should will place".split()
+    "repeat do don't can may should will".split()
 )
 PLACE_WORDS = frozenset("in into on onto from".split())
 DETERMINERS = frozenset("a an the".split())

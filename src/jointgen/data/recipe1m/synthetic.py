@@ -332,6 +332,7 @@ def make_recipe1m(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    pixels = np.random.default_rng([seed, 1])  # own stream: the JSON is the same with no images
     writers = {k: _ArrayWriter(out / f"{k}.json") for k in ("layer1", "layer2", "det_ingrs")}
     id2class, n_images = {}, 0
     for i in range(num_recipes):
@@ -352,7 +353,7 @@ def make_recipe1m(
             for m in ids if images else ():
                 path = image_path(out / "images", layer1["partition"], m)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                draw_image(rng, c, image_size).save(path, quality=90)
+                draw_image(pixels, c, image_size).save(path, quality=90)
         id2class[layer1["id"]] = 0 if rng.random() < background_rate else c + 1
     for w in writers.values():
         w.close()
