@@ -22,10 +22,23 @@ class PickleFormatError(ConfigError, pickle.UnpicklingError):
     """A pickle that is truncated or refers to a forbidden global (names the file)."""
 
 
+class RecipeUnpickler(RestrictedUnpickler):
+    """:class:`RestrictedUnpickler` plus ``bytes``, which protocol-2 pickles written by Python 3
+    use for empty byte strings (an empty numpy array's data, e.g. a recipe without
+    instructions)."""
+
+    _extra = {("__builtin__", "bytes"): bytes, ("builtins", "bytes"): bytes}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._extra:
+            return self._extra[(module, name)]
+        return super().find_class(module, name)
+
+
 def restricted_loads(data: bytes, source: str, encoding: str = "latin1") -> Any:
     """Unpickle ``data`` (e.g. an LMDB value) through the restricted unpickler."""
     try:
-        return RestrictedUnpickler(io.BytesIO(data), source=source, encoding=encoding).load()
+        return RecipeUnpickler(io.BytesIO(data), source=source, encoding=encoding).load()
     except pickle.UnpicklingError as e:
         raise PickleFormatError(str(e)) from None
     except (EOFError, IndexError, ValueError) as e:
@@ -47,7 +60,7 @@ def restricted_load_all(path: str | Path, count: int = 1, encoding: str = "latin
     with open(path, "rb") as f:
         for k in range(count):
             try:
-                out.append(RestrictedUnpickler(f, source=path, encoding=encoding).load())
+                out.append(RecipeUnpickler(f, source=path, encoding=encoding).load())
             except EOFError:
                 raise PickleFormatError(
                     f"{path}: holds {k} pickle(s), expected {count} (truncated?)"
