@@ -1,11 +1,13 @@
-"""Loading jointgen checkpoints safely (weights_only=True) and rebuilding their models."""
+"""Writing checkpoints atomically, loading them safely (weights_only=True), rebuilding models."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from jointgen.utils.checks import ConfigError
@@ -33,3 +35,51 @@ def model_from_checkpoint(path: str | Path):
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model, cfg
+
+
+# --- atomic checkpoint writes -------------------------------------------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder, fsyncs it, then renames it.
+
+    ``os.replace`` is atomic on POSIX and Windows, so a reader (or ``resume=auto`` after a
+    SIGKILL or power loss) sees either the previous complete file or the new complete file,
+    never a truncated one. Lightning's own writer truncates the target first. Temporary files
+    are hidden (``.<name>.tmp-<pid>``) and never end in ``.ckpt``; leftovers of a killed
+    writer are removed the next time the same checkpoint name is written. Remote paths
+    (``s3://`` and the like) fall back to Lightning's writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, Path(path))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save(obj, path)`` via temp file + fsync + ``os.replace`` (+ fsync of the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)  # makes the rename itself durable
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)  # left by a writer that was killed mid-write
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -14,8 +14,13 @@ log = logging.getLogger(__name__)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> pl.Trainer:
-    """Instantiate ``cfg.trainer``; fp16 gets a GradScaler starting at ``cfg.amp_init_scale``."""
-    plugins = []
+    """Instantiate ``cfg.trainer``; fp16 gets a GradScaler starting at ``cfg.amp_init_scale``.
+
+    Checkpoints are always written atomically (:class:`AtomicCheckpointIO`).
+    """
+    from jointgen.utils.checkpoint import AtomicCheckpointIO
+
+    plugins = [AtomicCheckpointIO()]
     tcfg = cfg.trainer
     if str(tcfg.get("precision")) == "16-mixed" and cfg.get("amp_init_scale"):
         from lightning.pytorch.plugins.precision import MixedPrecision
@@ -27,9 +32,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> pl.Trainer
         from lightning.pytorch.callbacks import LearningRateMonitor
 
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    kwargs = {"callbacks": callbacks, "logger": loggers or False}
-    if plugins:
-        kwargs["plugins"] = plugins
+    kwargs = {"callbacks": callbacks, "logger": loggers or False, "plugins": plugins}
     trainer_cfg = OmegaConf.to_container(tcfg, resolve=True)
     if trainer_cfg.get("precision") is None:
         trainer_cfg.pop("precision", None)
