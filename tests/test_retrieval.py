@@ -1,0 +1,174 @@
+"""Recipe1M retrieval metrics: ranks, MedR, R@K, bags, the torchmetrics wrapper under DDP."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from jointgen.eval.retrieval import (
+    RecipeRetrieval,
+    bag_indices,
+    decode_ids,
+    encode_ids,
+    format_table,
+    pair_ranks,
+    rank_summary,
+    retrieval_metrics,
+)
+
+
+def _pairs(n: int, d: int = 16, noise: float = 1.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g)
+    img = torch.nn.functional.normalize(z + noise * torch.randn(n, d, generator=g), dim=1)
+    rec = torch.nn.functional.normalize(z + noise * torch.randn(n, d, generator=g), dim=1)
+    return img, rec
+
+
+def _brute_ranks(img: np.ndarray, rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One query at a time, float64, as the reference's loop (strictly closer items count)."""
+    n = len(img)
+    i2r, r2i = np.zeros(n, int), np.zeros(n, int)
+    for q in range(n):
+        d = np.linalg.norm(rec - img[q], axis=1)
+        i2r[q] = 1 + int((d < d[q]).sum())
+        d = np.linalg.norm(img - rec[q], axis=1)
+        r2i[q] = 1 + int((d < d[q]).sum())
+    return i2r, r2i
+
+
+class TestRanks:
+    @pytest.mark.parametrize("chunk", [7, 2048])
+    def test_against_brute_force(self, chunk):
+        img, rec = _pairs(60)
+        i2r, r2i = pair_ranks(img, rec, chunk=chunk)
+        ref_i2r, ref_r2i = _brute_ranks(img.double().numpy(), rec.double().numpy())
+        np.testing.assert_array_equal(i2r.numpy(), ref_i2r)
+        np.testing.assert_array_equal(r2i.numpy(), ref_r2i)
+        assert not np.array_equal(ref_i2r, ref_r2i)  # the two directions really differ
+
+    def test_ties_favour_the_match(self):
+        # integer coordinates: every distance is exact, so equal distances are real ties
+        img = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 5.0]])
+        rec = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+        rec_dup = torch.cat([rec[:1], rec[:1]])  # gallery item 1 duplicates item 0
+        i2r, r2i = pair_ranks(img[:2], rec_dup)
+        assert i2r.tolist() == [1, 1]  # image 0: item 1 ties with the match -> rank 1
+        assert r2i.tolist() == [1, 2]  # recipe 1 is closer to image 0 than to image 1
+        i2r, _ = pair_ranks(img, rec)
+        assert i2r.tolist() == [1, 1, 1]
+
+    @pytest.mark.parametrize("metric", ["cosine", "dot"])
+    def test_cosine_and_dot_rank_like_euclidean_on_unit_vectors(self, metric):
+        img, rec = _pairs(50)
+        e = pair_ranks(img, rec, "euclidean")
+        m = pair_ranks(img, rec, metric)
+        assert torch.equal(e[0], m[0]) and torch.equal(e[1], m[1])
+
+
+class TestSummary:
+    def test_medr_uses_numpy_median_for_even_n(self):
+        ranks = torch.tensor([1, 2, 7, 9])  # numpy: 4.5, torch.median: 2
+        assert rank_summary(ranks)["medr"] == 4.5
+        assert torch.median(ranks.float()).item() == 2.0
+
+    def test_recall_in_percent_and_bag_mean(self):
+        ranks = torch.tensor([[1, 3, 6, 20], [1, 1, 11, 4]])
+        s = rank_summary(ranks)
+        assert s["r1"] == pytest.approx((25 + 50) / 2)
+        assert s["r5"] == pytest.approx((50 + 75) / 2)
+        assert s["r10"] == pytest.approx((75 + 75) / 2)
+        want = (np.median([1, 3, 6, 20]) + np.median([1, 1, 11, 4])) / 2
+        assert s["medr"] == pytest.approx(want)
+
+
+class TestBags:
+    def test_seeded_distinct_and_without_replacement(self):
+        a = bag_indices(100, 30, 5, seed=1234)
+        b = bag_indices(100, 30, 5, seed=1234)
+        assert a.shape == (5, 30) and np.array_equal(a, b)
+        assert all(len(set(row)) == 30 for row in a)
+        assert not np.array_equal(a[0], a[1])
+        assert not np.array_equal(a, bag_indices(100, 30, 5, seed=1))
+
+    def test_metrics_match_per_bag_brute_force(self):
+        img, rec = _pairs(120, noise=0.8, seed=3)
+        res = retrieval_metrics(img, rec, bag_sizes=(40, 100), n_bags=(4, 3), seed=1234)
+        for size, nb in ((40, 4), (100, 3)):
+            per_bag = {"i2r": [], "r2i": []}
+            for idx in bag_indices(120, size, nb, 1234):
+                i2r, r2i = _brute_ranks(img[idx].double().numpy(), rec[idx].double().numpy())
+                per_bag["i2r"].append(i2r)
+                per_bag["r2i"].append(r2i)
+            for d, ranks in per_bag.items():
+                r = np.stack(ranks)
+                assert res[f"medr_{d}_{size}"] == pytest.approx(np.median(r, 1).mean())
+                for k in (1, 5, 10):
+                    want = (r <= k).mean(1).mean() * 100
+                    assert res[f"r{k}_{d}_{size}"] == pytest.approx(want)
+            assert res[f"bags_{size}"] == nb and res[f"n_{size}"] == size
+
+    def test_bag_size_capped_at_pool(self, caplog):
+        img, rec = _pairs(30)
+        res = retrieval_metrics(img, rec, bag_sizes=(1000,), n_bags=2)
+        assert res["n_1k"] == 30
+        assert "capped" in caplog.text
+
+    def test_table_lists_every_row(self):
+        img, rec = _pairs(30)
+        res = retrieval_metrics(img, rec, bag_sizes=(10, 20), n_bags=2)
+        table = format_table(res)
+        assert len(table.strip().splitlines()) == 2 + 4
+        assert "MedR" in table and "R@10" in table
+
+
+class TestMetric:
+    def test_ids_sorted_and_deduplicated(self):
+        img, rec = _pairs(40)
+        ids = [f"{i:04x}" for i in range(40)]
+        perm = torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist()
+        m = RecipeRetrieval(bag_sizes=(20,), n_bags=3)
+        for s in range(0, 40, 16):  # shuffled batches plus a repeated (padding-like) item
+            sel = perm[s : s + 16]
+            m.update(img[sel], rec[sel], [ids[i] for i in sel])
+        m.update(img[:1], rec[:1], ids[:1])
+        got = {k: v.item() for k, v in m.compute().items()}
+        want = retrieval_metrics(img, rec, bag_sizes=(20,), n_bags=3)
+        assert got == pytest.approx(want)
+
+    def test_id_codes_round_trip(self):
+        ids = ["000018c8a5", "z", "recipe_42"]
+        assert decode_ids(encode_ids(ids, 12)) == ids
+        with pytest.raises(ValueError, match="max_id_len"):
+            encode_ids(["x" * 13], 12)
+
+
+def _ddp_worker(rank: int, port: int, img, rec, ids, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        m = RecipeRetrieval(bag_sizes=(16,), n_bags=3)
+        sel = list(range(rank, len(ids), 2))  # interleaved shards of unequal size
+        m.update(img[sel], rec[sel], [ids[i] for i in sel])
+        res = m.compute()
+        out[rank] = {k: v.item() for k, v in res.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_metric_under_two_process_gloo_ddp():
+    img, rec = _pairs(33)
+    ids = [f"id{i:03d}" for i in range(33)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(port, img, rec, ids, out), nprocs=2, join=True)
+    want = retrieval_metrics(img, rec, bag_sizes=(16,), n_bags=3)
+    assert out[0] == pytest.approx(want) and out[1] == pytest.approx(want)
