@@ -151,7 +151,9 @@ def test_lexicon_cues():
     ]
     flat = np.array([wid[w] for s in sents for w in s])
     starts = np.cumsum([0] + [len(s) for s in sents[:-1]])
-    actions, utensils = derive_lexicon(words, flat, starts, np.array([wid["flour"]]), **LEXICON)
+    actions, utensils = derive_lexicon(
+        words, [flat[:7], flat[7:]], flat[starts], np.array([wid["flour"]]), **LEXICON
+    )
     names = lambda ids: sorted(words[i - 2] for i in ids)  # noqa: E731
     # "mix" starts 1 of its 3 uses (< 0.5); "then" and "in" are function words
     assert names(actions) == ["preheat", "whisk"]
@@ -207,3 +209,13 @@ def test_datamodule_serves_keyterm_vectors(cache):
     assert {k: v for k, v in row.items() if v} == pytest.approx(weights_of(cache, 0))
     ids = dict(zip(dm.keyterm_names, dm.keyterm_word_ids.tolist()))
     assert ids["salt"] == 3 and ids["heat"] == 4 and ids["olive_oil"] == 1  # UNK
+
+
+def test_chunked_streaming_gives_the_same_weights(cache, monkeypatch):
+    import jointgen.features.keyterms as kt
+
+    write_keyterms(cache, rating="textrank", min_df=1, **LEXICON)
+    whole = [weights_of(cache, i) for i in range(3)]
+    monkeypatch.setattr(kt, "CHUNK_TOKENS", 3)
+    write_keyterms(cache, rating="textrank", min_df=1, **LEXICON)
+    assert [weights_of(cache, i) for i in range(3)] == whole

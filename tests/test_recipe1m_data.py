@@ -306,3 +306,39 @@ class TestDataModule:
             datamodule(raw, image_size=32, resize=20)
         with pytest.raises(ValueError, match="data.max_words"):
             datamodule(raw, max_words=0)
+
+
+def test_synthetic_images_identify_the_category(tmp_path):
+    """Learnable structure: nearest mean-colour centroid beats chance (1/16) by far."""
+    make_recipe1m(tmp_path, 160, seed=1, image_size=24, no_image_rate=0.0, max_images=1)
+    layer1 = json.loads((tmp_path / "layer1.json").read_text())
+    layer2 = {
+        r["id"]: r["images"][0]["id"] for r in json.loads((tmp_path / "layer2.json").read_text())
+    }
+    id2class, _ = restricted_load_all(tmp_path / "classes1M.pkl", 2)
+    feats, labels = [], []
+    for r in layer1:
+        if id2class[r["id"]] == 0:
+            continue
+        with Image.open(
+            image_file(tmp_path / "images", r["partition"], layer2[r["id"]], True)
+        ) as f:
+            feats.append(np.asarray(f, dtype=np.float32).reshape(-1, 3).mean(0))
+        labels.append(id2class[r["id"]])
+    feats, labels = np.array(feats), np.array(labels)
+    half = len(labels) // 2
+    classes = np.unique(labels[:half])
+    centroids = np.stack([feats[:half][labels[:half] == c].mean(0) for c in classes])
+    pred = classes[np.argmin(((feats[half:, None] - centroids) ** 2).sum(-1), axis=1)]
+    assert (pred == labels[half:]).mean() > 0.5
+
+
+def test_workers_and_excluded_images(prepared):
+    (prepared / "exclude.txt").write_text("aaaa1.jpg\n")
+    dm = datamodule(prepared, num_workers=1, exclude_images_file=str(prepared / "exclude.txt"))
+    batches = list(dm.train_dataloader())  # memory maps re-open inside the worker
+    assert [b["id"] for b in batches] == [["r_good"]]
+    ds = dm.dataset("train")
+    i = 0
+    white = (1.0 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(ds[i]["image"][:, 8, 8], white, atol=1e-5)  # its only image is excluded

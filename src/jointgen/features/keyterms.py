@@ -26,12 +26,23 @@ from jointgen.features.rating import BertScorer, bert_relevance, idf, textrank, 
 from jointgen.utils.checks import ConfigError
 
 RATINGS = ("tfidf", "textrank", "bert")
+CHUNK_TOKENS = 1 << 24  # instruction tokens per chunk (memory bound of the feature step)
 NORMS = ("l1", "none")
 
 
 def _rows(ragged, n: int) -> np.ndarray:
     """Recipe (or parent-row) index of every value of a ragged field, int32."""
     return np.repeat(np.arange(n, dtype=np.int32), ragged.lengths())
+
+
+def _spans(offsets: np.ndarray, chunk: int):
+    """Consecutive row ranges [s0, s1) holding about ``chunk`` values each."""
+    rows, s0 = len(offsets) - 1, 0
+    while s0 < rows:
+        s1 = int(np.searchsorted(offsets, offsets[s0] + chunk, side="right")) - 1
+        s1 = min(rows, max(s1, s0 + 1))
+        yield s0, s1
+        s0 = s1
 
 
 def write_keyterms(
@@ -88,18 +99,21 @@ def write_keyterms(
     ingr_ok = valid | ok[np.asarray(cache.ingredients.values, dtype=np.int64)]
     ingr, ingr_rec = ingr[ingr_ok], ingr_rec[ingr_ok]
 
-    # instructions: lexicon from the train sentences
+    # instructions, streamed in chunks of about CHUNK_TOKENS tokens to bound memory
     sent_rec = _rows(cache.instructions, n)
-    sent_len = cache.sentences.lengths()
-    tokens = np.asarray(cache.sentences.values, dtype=np.int64)
-    tok_rec = np.repeat(sent_rec, sent_len)
-    sent_train = train[sent_rec]
-    train_len = sent_len[sent_train]
-    starts = np.concatenate([[0], np.cumsum(train_len)[:-1]]) if len(train_len) else train_len
+    off = np.asarray(cache.sentences.offsets)
+    values = cache.sentences.values
+
+    def chunks():
+        lengths = np.diff(off)
+        for s0, s1 in _spans(off, CHUNK_TOKENS):
+            yield np.asarray(values[off[s0] : off[s1]]), np.repeat(sent_rec[s0:s1], lengths[s0:s1])
+
+    first_words = np.asarray(values[off[:-1][train[sent_rec]]]) if len(sent_rec) else sent_rec
     actions, utensils = derive_lexicon(
         words,
-        tokens[train[tok_rec]],
-        starts,
+        (v[train[r]] for v, r in chunks()),
+        first_words,
         train_phrases,
         action_min_count=action_min_count,
         action_start_ratio=action_start_ratio,
@@ -109,13 +123,22 @@ def write_keyterms(
 
     # term occurrences in text order: title, instructions, ingredient list
     cand = np.unique(np.concatenate([train_phrases, actions, utensils]))
-    term_of = np.full(size, -1, dtype=np.int64)
+    term_of = np.full(size, -1, dtype=np.int32)
     term_of[cand] = np.arange(len(cand))
-    title = np.asarray(cache.title.values, dtype=np.int64)
-    rec = np.concatenate([_rows(cache.title, n), tok_rec, ingr_rec]).astype(np.int64)
-    term = term_of[np.concatenate([title, tokens, ingr])]
-    keep = term >= 0
-    rec, term = rec[keep], term[keep]
+    recs, terms = [], []
+    streams = [
+        (np.asarray(cache.title.values), _rows(cache.title, n)),
+        *chunks(),
+        (ingr, ingr_rec),
+    ]
+    for v, r in streams:
+        t = term_of[v]
+        m = t >= 0
+        recs.append(r[m])
+        terms.append(t[m])
+    rec = np.concatenate(recs).astype(np.int64)
+    term = np.concatenate(terms).astype(np.int64)
+    del recs, terms
     order = np.argsort(rec, kind="stable")
     rec, term = rec[order], term[order]
 

@@ -19,6 +19,8 @@ that are not purely alphabetic.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 FUNCTION_WORDS = frozenset(
@@ -42,8 +44,8 @@ def _ids_of(words: list[str], vocab: frozenset[str]) -> np.ndarray:
 
 def derive_lexicon(
     words: list[str],
-    flat: np.ndarray,
-    starts: np.ndarray,
+    chunks: Iterable[np.ndarray],
+    first_words: np.ndarray,
     exclude: np.ndarray,
     *,
     action_min_count: int,
@@ -55,8 +57,9 @@ def derive_lexicon(
 
     Args:
         words: Internal vocabulary (entry k is id k + 2).
-        flat: Word ids of the train instruction sentences, back to back.
-        starts: Position in ``flat`` of each sentence's first word.
+        chunks: Word ids of the train instruction sentences, back to back, in one or more
+            arrays (chunking bounds memory on the full dataset).
+        first_words: The first word id of every train sentence.
         exclude: Ids that can be neither (ingredient phrases).
         action_min_count: Least sentence starts of an action.
         action_start_ratio: Least share of an action's uses that start a sentence.
@@ -70,31 +73,38 @@ def derive_lexicon(
     det[_ids_of(words, DETERMINERS)] = True
     skip = np.zeros(size, dtype=bool)
     skip[_ids_of(words, MODIFIERS)] = True
-    flat = np.asarray(flat, dtype=np.int64)
-    total = np.bincount(flat, minlength=size)
-    first = np.bincount(flat[np.asarray(starts, dtype=np.int64)], minlength=size)
-    # place-phrase heads: prep det (modifier)* X, vectorised over the whole flat stream;
-    # sentence boundaries are ignored, which only adds a few spurious cross-sentence heads
-    pos = np.flatnonzero(place[flat[:-2]] & det[flat[1:-1]]) + 2 if len(flat) > 2 else []
-    for _ in range(3):  # skip up to three modifiers
-        pos = np.asarray(pos, dtype=np.int64)
-        pos = pos[pos < len(flat)]
-        m = skip[flat[pos]]
-        pos = np.concatenate([pos[~m], pos[m] + 1])
-        if not m.any():
-            break
-    pos = pos[pos < len(flat)]
-    heads = np.bincount(flat[pos], minlength=size)
+    total = np.zeros(size, dtype=np.int64)
+    heads = np.zeros(size, dtype=np.int64)
+    for flat in chunks:
+        total += np.bincount(flat, minlength=size)
+        heads += np.bincount(flat[_place_heads(flat, place, det, skip)], minlength=size)
+    first = np.bincount(np.asarray(first_words, dtype=np.int64), minlength=size)
 
     ok = np.zeros(size, dtype=bool)
     ok[[k + 2 for k, w in enumerate(words) if w.isalpha() and w not in FUNCTION_WORDS]] = True
     ok[exclude[exclude < size]] = False
     ok[skip] = False
-    with np.errstate(divide="ignore", invalid="ignore"):
-        actions = ok & (first >= action_min_count) & (first >= action_start_ratio * total)
-        utensils = ok & (heads >= utensil_min_count) & (heads >= utensil_ratio * total)
+    actions = ok & (first >= action_min_count) & (first >= action_start_ratio * total)
+    utensils = ok & (heads >= utensil_min_count) & (heads >= utensil_ratio * total)
     utensils &= ~actions
     return np.flatnonzero(actions), np.flatnonzero(utensils)
+
+
+def _place_heads(flat: np.ndarray, place, det, skip) -> np.ndarray:
+    """Positions of X in "prep det (modifier)* X", vectorised over a flat token stream.
+
+    Sentence boundaries are ignored, which only adds a few spurious cross-sentence heads.
+    """
+    if len(flat) < 3:
+        return np.zeros(0, dtype=np.int64)
+    pos = np.flatnonzero(place[flat[:-2]] & det[flat[1:-1]]) + 2
+    for _ in range(3):  # skip up to three modifiers
+        m = skip[flat[pos]]
+        if not m.any():
+            break
+        pos = np.concatenate([pos[~m], pos[m] + 1])
+        pos = pos[pos < len(flat)]
+    return pos
 
 
 def recover_phrases(words: list[str], invalid: np.ndarray, valid: set[str]) -> dict[int, int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections import Counter
@@ -231,8 +232,7 @@ def preprocess_recipe1m(
             kept[part] += 1
             w["recipe_ids"].append(rid.encode("ascii", "replace"))
             w["title"].append([ids[t] for t in lines[0]])
-            for s in sents:
-                w["sentences"].append([ids[t] for t in s])
+            w["sentences"].append_rows([[ids[t] for t in s] for s in sents])
             w["instructions"].append(length=len(sents))
             w["ingredients"].append([ids[p] for p in phrases])
             w["ingredient_valid"].append(bytes(valid))
@@ -295,10 +295,15 @@ def _drop_reason(rid, sents, good, max_instructions, max_ingredients, removed) -
 def _usable_images(names, image_dir, part, partition_folder, mode, report) -> list[str]:
     if not names:
         return []
+    if mode == "none":  # the common case at scale: no path work at all
+        return [n for n in names.split("\n") if n]
+    base = os.path.join(image_dir, part) if partition_folder else str(image_dir)
     out = []
     for name in names.split("\n"):
-        path = image_file(image_dir, part, name, partition_folder) if len(name) > 4 else None
-        problem = "missing" if path is None else _check_image(path, mode)
+        path = (
+            os.path.join(base, name[0], name[1], name[2], name[3], name) if len(name) > 4 else None
+        )
+        problem = "missing" if path is None else _check_image(Path(path), mode)
         if problem:
             report.add(f"images_{problem}", str(path or name))
         else:

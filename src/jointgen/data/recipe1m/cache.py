@@ -70,6 +70,16 @@ class RaggedWriter:
         if len(self._obuf) > _FLUSH or (self._vbuf is not None and len(self._vbuf) > _FLUSH):
             self.flush()
 
+    def append_rows(self, rows: list[list[int]]) -> None:
+        """Add several rows at once (one call per recipe for its sentences)."""
+        for r in rows:
+            self._vbuf.extend(r)
+            self.total += len(r)
+            self._obuf.append(self.total)
+        self.rows += len(rows)
+        if len(self._obuf) > _FLUSH or len(self._vbuf) > _FLUSH:
+            self.flush()
+
     def flush(self) -> None:
         if self._vbuf is not None:
             self._vbuf.tofile(self.values)
