@@ -25,7 +25,6 @@ STAGES = ("all", "cache", "features", "synthetic")
 def run_preprocess(cfg: DictConfig) -> dict:
     """Run the requested stages; returns {"cache": meta or None, "features": stats or None}."""
     from jointgen.data.recipe1m import pipeline
-    from jointgen.data.recipe1m.build import summarise
     from jointgen.data.recipe1m.cache import Recipe1MCache
 
     if cfg.stage not in STAGES:
@@ -51,8 +50,7 @@ def run_preprocess(cfg: DictConfig) -> dict:
                 d["preprocess"],
                 d["vocab"]["corpus"],
             )
-            out["cache"] = meta
-            print("\n".join(summarise(meta)))
+            out["cache"] = meta  # its report was logged line by line
             print(f"cache: {cache_dir}\ncorpus: {d['vocab']['corpus']}")
     if cfg.stage in ("all", "features"):
         cache = Recipe1MCache(cache_dir)
@@ -60,7 +58,6 @@ def run_preprocess(cfg: DictConfig) -> dict:
             print(f"key terms exist in {cache_dir} (overwrite=true recomputes them)")
         else:
             out["features"] = pipeline.build_features(cache_dir, d["features"])
-            print(f"key terms: {out['features']}")
     return out
 
 
