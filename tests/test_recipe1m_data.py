@@ -170,6 +170,19 @@ class TestPreprocess:
         with pytest.raises(FileNotFoundError, match="det_ingrs.json"):
             build(raw)
 
+    def test_truncated_jpeg_needs_decode_mode(self, raw):
+        good = image_file(raw / "images", "train", "aaaa1.jpg", True)
+        Image.effect_noise((128, 128), 60).convert("RGB").save(good, quality=95)
+        good.write_bytes(good.read_bytes()[:4000])  # header intact, scan data cut
+        assert build(raw, verify_images="open")["splits"]["train"] == 1
+        meta = build(raw, verify_images="decode")
+        assert meta["report"]["counts"]["images_corrupt"] == 2 and meta["splits"]["train"] == 0
+
+    def test_duplicate_ids_are_counted(self, raw):
+        layer1 = json.loads((raw / "layer1.json").read_text())
+        (raw / "layer1.json").write_text(json.dumps(layer1 + layer1[:1]))
+        assert build(raw)["report"]["counts"]["duplicate_ids"] == 1
+
     def test_malformed_record_is_counted(self, raw):
         layer1 = json.loads((raw / "layer1.json").read_text())
         layer1.append({"id": "r_broken", "title": "x"})  # no partition or instructions
