@@ -75,3 +75,9 @@ def test_truncated_file_is_an_error(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         list(iter_json_array(tmp_path / "nope.json"))
+
+
+def test_byte_order_mark_is_ignored(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(DATA[:3]).encode())
+    assert list(iter_json_array(path, 4)) == DATA[:3]

@@ -93,7 +93,7 @@ def iter_json_array(path: str | Path, chunk_size: int = 1 << 20) -> Iterator[Any
     """
     path = Path(path)
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # tolerate a byte-order mark
         s = _Chunks(f, chunk_size)
         if s.skip_ws() != "[":
             raise s.error(path, "expected '[' (the file must hold one JSON array)", s.pos)
