@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # a model and data small enough for a CPU test: 16x16 images, 8 channels
 TINY_OVERRIDES = [
+    "experiment=nvae_shapes",
     "data.image_size=16",
     "data.num_train=64",
     "data.num_val=32",

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from jointgen import CONF_DIR
-from jointgen.utils.checks import ConfigError, check_hardware
+from jointgen.utils.checks import ConfigError, check_hardware, check_model_data
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 HARDWARE = sorted(p.stem for p in (Path(CONF_DIR) / "hardware").glob("*.yaml"))
@@ -31,16 +31,25 @@ def _compose(name="train", overrides=()):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_builds(experiment):
-    cfg = _compose(overrides=[f"experiment={experiment}"])
-    assert cfg.model.net.image_size > 0 and cfg.data._target_.startswith("jointgen.")
+    extra = ["model.net.pretrained=false"] if experiment.startswith("seje_") else []
+    cfg = _compose(overrides=[f"experiment={experiment}", *extra])  # no ImageNet weights here
+    assert cfg.data._target_.startswith("jointgen.")
     with torch.device("meta"):
         model = instantiate(cfg.model)
     n = sum(p.numel() for p in model.parameters())
     if experiment in PARAMS:
         assert abs(n - PARAMS[experiment]) / PARAMS[experiment] < 0.01
     dm = instantiate(cfg.data)  # constructors do not touch the disk
-    c, h, w = dm.image_shape
-    assert (c, h) == (cfg.model.net.in_channels, cfg.model.net.image_size)
+    if experiment.startswith(("nvae_", "joint_")):
+        check_model_data(model.net, dm)  # the network is built for the data's images
+
+
+def test_model_data_mismatch_is_named():
+    cfg = _compose(overrides=["experiment=joint_shapes", "model.net.text.vocab_size=50"])
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    with pytest.raises(ConfigError, match="vocab_size=50"):
+        check_model_data(model.net, instantiate(cfg.data))
 
 
 @pytest.mark.parametrize("hardware", HARDWARE)

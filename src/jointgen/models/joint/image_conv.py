@@ -97,8 +97,14 @@ class ConvImageBranch(nn.Module):
         for c in widths:  # each level halves the side: image_size -> 4
             enc += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.SiLU()]
             c_in = c
-        self.encoder = nn.Sequential(*enc, nn.Flatten())
-        self.head = nn.Linear(widths[-1] * 16, 2 * (z_dim + w_dim))
+        self.encoder = nn.Sequential(*enc)
+        # the shared expert sees globally pooled features (mean and max over positions): the
+        # captioned attributes do not depend on where the object is, and a small object is
+        # found by the max; the private posterior keeps the spatial map (position, texture)
+        self.head_z = nn.Sequential(
+            nn.Linear(2 * widths[-1], 4 * z_dim), nn.SiLU(), nn.Linear(4 * z_dim, 2 * z_dim)
+        )
+        self.head_w = nn.Linear(widths[-1] * 16, 2 * w_dim) if w_dim else None
 
         dec: list[nn.Module] = [
             nn.Linear(z_dim + w_dim, widths[-1] * 16),
@@ -121,11 +127,13 @@ class ConvImageBranch(nn.Module):
 
     def expert(self, x: torch.Tensor) -> tuple[Distribution, Distribution | None]:
         """Shared expert q(z | x) ``(B, z_dim)`` and the private posterior q(w | x) (or None)."""
-        params = self.head(self.encoder(x))
-        loc_z, log_scale_z, loc_w, log_scale_w = params.split(
-            [self.z_dim, self.z_dim, self.w_dim, self.w_dim], dim=-1
-        )
-        q_w = make_dist(self.family, loc_w, log_scale_w) if self.w_dim else None
+        h = self.encoder(x)
+        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)
+        loc_z, log_scale_z = self.head_z(pooled).chunk(2, dim=-1)
+        q_w = None
+        if self.head_w is not None:
+            loc_w, log_scale_w = self.head_w(h.flatten(1)).chunk(2, dim=-1)
+            q_w = make_dist(self.family, loc_w, log_scale_w)
         return make_dist(self.family, loc_z, log_scale_z), q_w
 
     def private_mean(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:

@@ -43,11 +43,11 @@ class NVAEImageBranch(nn.Module):
         self.channels, self.image_size = net.in_channels, net.image_size
         self.data_dim = net.in_channels * net.image_size**2
         c_top = net.prior_ftr0.shape[0]
-        # the top encoder feature, pooled to 4x4, gives q_img(z | x)
+        # q_img(z | x) from the top encoder feature pooled over positions (mean and max): the
+        # captioned attributes do not depend on where the object is, and the max finds a
+        # small one; where it is stays in the hierarchy
         self.expert_head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(4),
-            nn.Flatten(),
-            nn.Linear(c_top * 16, expert_hidden),
+            nn.Linear(2 * c_top, expert_hidden),
             nn.SiLU(),
             nn.Linear(expert_hidden, 2 * z_dim),
         )
@@ -55,7 +55,9 @@ class NVAEImageBranch(nn.Module):
     def expert(self, x: torch.Tensor) -> tuple[Distribution, tuple]:
         """q_img(z | x) with parameters ``(B, z_dim)`` and the bottom-up NVAE features."""
         feats = self.net.encode_features(x)
-        loc, log_scale = self.expert_head(feats[1].float()).chunk(2, dim=-1)
+        top = feats[1].float()
+        pooled = torch.cat([top.mean((2, 3)), top.amax((2, 3))], dim=1)
+        loc, log_scale = self.expert_head(pooled).chunk(2, dim=-1)
         return make_dist(self.family, loc, log_scale), feats
 
     @staticmethod
