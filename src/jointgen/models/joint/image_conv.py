@@ -48,6 +48,19 @@ LIKELIHOODS = ("laplace", "gaussian")
 SCALES = ("learned", "fixed")
 
 
+def _extra_convs(channels: int, n: int) -> list[nn.Module]:
+    # GroupNorm, not BatchNorm: per-sample statistics keep masked placeholder images from
+    # changing other samples' outputs
+    layers: list[nn.Module] = []
+    for _ in range(n):
+        layers += [
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(min(8, channels), channels),
+            nn.SiLU(),
+        ]
+    return layers
+
+
 class ConvImageBranch(nn.Module):
     """Conv encoder/decoder image branch with a flat private latent.
 
@@ -57,6 +70,8 @@ class ConvImageBranch(nn.Module):
         z_dim: size of the shared latent z.
         w_dim: size of the private latent w_img; 0 decodes from z alone (plain MMVAE).
         hidden_channels: channels of the first conv layer, doubled per level (at most 4x).
+        convs_per_level: extra 3x3 conv + GroupNorm + SiLU layers at every resolution, in the
+            encoder and the decoder (0: the plain stride-2 stacks of the MMVAE image nets).
         likelihood: ``laplace`` or ``gaussian`` pixel likelihood.
         scale: ``learned`` (one log-scale per channel) or ``fixed`` likelihood scale.
         init_scale: the fixed scale, or the initial learned one (pixels are in [0, 1]).
@@ -71,6 +86,7 @@ class ConvImageBranch(nn.Module):
         z_dim: int = 32,
         w_dim: int = 32,
         hidden_channels: int = 32,
+        convs_per_level: int = 0,
         likelihood: str = "laplace",
         scale: str = "learned",
         init_scale: float = 0.1,
@@ -96,6 +112,7 @@ class ConvImageBranch(nn.Module):
         enc, c_in = [], channels
         for c in widths:  # each level halves the side: image_size -> 4
             enc += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.SiLU()]
+            enc += _extra_convs(c, convs_per_level)
             c_in = c
         self.encoder = nn.Sequential(*enc)
         # the shared expert sees globally pooled features (mean and max over positions): the
@@ -110,9 +127,11 @@ class ConvImageBranch(nn.Module):
             nn.Linear(z_dim + w_dim, widths[-1] * 16),
             nn.SiLU(),
             nn.Unflatten(1, (widths[-1], 4, 4)),
+            *_extra_convs(widths[-1], convs_per_level),
         ]
         for c_in, c_out in zip(widths[::-1], widths[::-1][1:]):
             dec += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU()]
+            dec += _extra_convs(c_out, convs_per_level)
         dec += [nn.ConvTranspose2d(widths[0], channels, 4, stride=2, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
