@@ -46,7 +46,7 @@ def main() -> None:
         module, cfg = model_from_checkpoint(
             summary["best_checkpoint"] or summary["last_checkpoint"]
         )
-        joint = "joint" in cfg.model._target_
+        joint = cfg.model._target_.endswith("JointLitModule")
         datamodule = instantiate(cfg.data)
         datamodule.setup("test")
         real = datamodule.datasets["test"].images
