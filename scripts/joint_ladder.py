@@ -91,8 +91,8 @@ def main() -> None:
             leaderboard_row(
                 level,
                 args.model_name,
-                txt2img=[_coherence(r, "caption_to_image") for r in per_seed],
-                img2txt=[_coherence(r, "image_to_caption") for r in per_seed],
+                txt2img=[_coherence(r, "c2i") for r in per_seed],
+                img2txt=[_coherence(r, "i2c") for r in per_seed],
                 joint=[_coherence(r, "joint") for r in per_seed],
             )
         )
