@@ -29,7 +29,9 @@ class FakeRecipes(Dataset):
         colours = torch.rand(K_CLASSES, 3, 1, 1, generator=palette) * 2 - 1
         xx = torch.arange(16).float()
         rows, cols = xx[:, None].expand(16, 16), xx[None, :].expand(16, 16)
-        patterns = [torch.sin((cols if k % 2 else rows) * f) for k, f in enumerate([0.8, 0.8, 2, 2])]
+        patterns = [
+            torch.sin((cols if k % 2 else rows) * f) for k, f in enumerate((0.8, 0.8, 2, 2))
+        ]
         self.images = torch.stack(
             [colours[c] + patterns[s] for c, s in zip(self.cls, self.sub)]
         ) + 0.3 * torch.randn(n, 3, 16, 16, generator=g)
@@ -174,3 +176,37 @@ def test_experiment_configs_compose(tmp_path, experiment):
     else:
         model = instantiate(cfg.model)
         assert isinstance(model, SEJELitModule) and not model.net.built
+
+
+def test_run_seje_eval_writes_json_table_and_embeddings(tmp_path):
+    import json
+
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from jointgen.eval.retrieval_eval import run_seje_eval
+
+    cfg = OmegaConf.create(
+        {
+            "split": "test",
+            "paths": {"output_dir": str(tmp_path)},
+            "logger": None,
+            "seje": {"bag_sizes": [32, 100], "n_bags": [3, 2]},
+            "trainer": {
+                "_target_": "lightning.pytorch.Trainer",
+                "accelerator": "cpu",
+                "devices": 1,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+            },
+        }
+    )
+    res = run_seje_eval(cfg, tiny_module(), "m.ckpt", datamodule=FakeRecipeData())
+    saved = json.loads((tmp_path / "results" / "retrieval.json").read_text())
+    assert saved["metrics"] == pytest.approx(res["metrics"])
+    assert saved["n_bags"] == [3, 2] and saved["metrics"]["n_100"] == 100
+    table = (tmp_path / "results" / "retrieval.txt").read_text()
+    assert "MedR" in table and len(table.strip().splitlines()) == 6
+    emb = np.load(tmp_path / "results" / "embeddings.npz")
+    assert emb["img"].shape == emb["rec"].shape == (128, 32)
+    assert list(emb["ids"]) == sorted(emb["ids"])
