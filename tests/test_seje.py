@@ -239,6 +239,17 @@ class TestImageSide:
         with pytest.raises(ValueError, match="does not fit"):
             build_backbone("small_cnn", weights=str(tmp_path / "w.pt"), width=8)
 
+    def test_encoder_weights_load_on_request_only(self, tmp_path):
+        from jointgen.models.seje import ImageEncoder
+
+        src, _ = build_backbone("small_cnn", width=4)
+        torch.save(src.state_dict(), tmp_path / "w.pt")
+        enc = ImageEncoder("small_cnn", 8, 8, weights=str(tmp_path / "w.pt"), width=4)
+        w = src.state_dict()["features.0.weight"]
+        assert not torch.equal(enc.cnn.state_dict()["features.0.weight"], w)
+        assert enc.load_weights()
+        assert torch.equal(enc.cnn.state_dict()["features.0.weight"], w)
+
     def test_category_vector_from_a_classifier(self):
         index = {"apple_pie": 2, "pad": 3, "thai": 4}
         tokens = class_name_tokens(["apple_pie", "pad_thai", "creme_brulee"], index, width=3)

@@ -109,7 +109,9 @@ def _trainer(tmp_path, epochs: int) -> pl.Trainer:
 def test_training_learns_and_checkpoint_reloads(tmp_path, adv):
     torch.manual_seed(0)
     dm = FakeRecipeData()
-    model = tiny_module(adv_loss=adv, negatives="instance_class" if adv == "bce" else "instance")
+    plateau = None if adv == "bce" else {"lr_patience": 1, "stop_patience": 1, "lr_after": 1e-4}
+    negatives = "instance_class" if adv == "bce" else "instance"
+    model = tiny_module(adv_loss=adv, negatives=negatives, plateau=plateau)
     trainer = _trainer(tmp_path, 6 if adv == "bce" else 1)
     if adv != "bce":  # a smoke run of the other alignment loss
         trainer.limit_train_batches = 3

@@ -77,7 +77,6 @@ class TwoStagePlateau(Callback):
         elif self.stage == 2 and self.stale >= self.stop_patience:
             trainer.should_stop = True
             log.info("val plateau in stage 2: stopping")
-        pl_module.log("train/stage", float(self.stage))
 
 
 class SEJELitModule(LightningModule):
@@ -156,32 +155,38 @@ class SEJELitModule(LightningModule):
         )
         self.bad_steps = 0
         self.bad_step_reason: str | None = None
+        self._weights_loaded = False
 
     # --- building from the data -----------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Build the data-sized parts from ``trainer.datamodule`` (sizes, word vectors)."""
+        """Build the data-sized parts from ``trainer.datamodule`` (sizes, word vectors) and,
+        when fitting, load the CNN's initial weights (``image_weights`` / ``pretrained``)."""
         dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None:
-            if not self.net.built:
-                raise RuntimeError("SEJE needs a datamodule (or explicit sizes) to be built")
-            return
-        from jointgen.utils.checks import ConfigError
+        if dm is None and not self.net.built:
+            raise RuntimeError("SEJE needs a datamodule (or explicit sizes) to be built")
+        if dm is not None:
+            from jointgen.utils.checks import ConfigError
 
-        # the official-LMDB datamodule has no vocabulary or key-term vector (f_term comes
-        # precomputed): minimal unused tables stand in
-        sizes = (
-            getattr(dm, "vocab_size", 3),
-            getattr(dm, "num_keyterms", 1),
-            getattr(dm, "num_classes", 1),
-        )
-        if self.net.built:
-            try:
-                self.net.check_sizes(*sizes)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            return
-        self.net.build(*sizes, **self._data_tensors(dm))
+            # the official-LMDB datamodule has no vocabulary or key-term vector (f_term comes
+            # precomputed): minimal unused tables stand in
+            sizes = (
+                getattr(dm, "vocab_size", 3),
+                getattr(dm, "num_keyterms", 1),
+                getattr(dm, "num_classes", 1),
+            )
+            if self.net.built:
+                try:
+                    self.net.check_sizes(*sizes)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
+            else:
+                self.net.build(*sizes, **self._data_tensors(dm))
+        # only when fitting: a restored checkpoint overwrites them anyway, and evaluation must
+        # not need the ImageNet file
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and not self._weights_loaded:
+            self._weights_loaded = self.net.image.load_weights() or True
 
     def _data_tensors(self, dm) -> dict:
         from jointgen.data.word2vec import load_vectors, word_index

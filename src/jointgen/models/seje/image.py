@@ -117,24 +117,41 @@ def build_backbone(
         net = getattr(torchvision.models, name)(weights=None)
         dim = net.fc.in_features
         net.fc = nn.Linear(dim, num_classes) if num_classes is not None else nn.Identity()
-    state = None
+    load_backbone_weights(net, name, weights, pretrained, keep_head=num_classes is not None)
+    return net, dim
+
+
+def load_backbone_weights(
+    net: nn.Module,
+    name: str,
+    weights: str | None = None,
+    pretrained: bool = False,
+    keep_head: bool = False,
+) -> bool:
+    """Load a local state-dict file, or cached ImageNet weights, into a backbone.
+
+    Returns True when something was loaded. A missing cache or a mismatching file raises.
+    """
+    if name == "small_cnn" and pretrained and not weights:
+        raise ValueError("image_encoder=small_cnn has no pretrained weights")
     if weights:
         state = load_state_file(weights)
     elif pretrained:
         state = _torchvision_pretrained_state(name)
-    if state is not None:
-        if num_classes is None:  # a feature extractor: drop any classification head
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        src = weights or f"pretrained {name}"
-        try:
-            missing, unexpected = net.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # shape mismatches
-            raise ValueError(f"{src} does not fit {name}: {str(e).splitlines()[-1]}") from None
-        if missing or unexpected:
-            raise ValueError(
-                f"{src} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-    return net, dim
+    else:
+        return False
+    if not keep_head:  # a feature extractor: drop any classification head
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    src = weights or f"pretrained {name}"
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{src} does not fit {name}: {str(e).splitlines()[-1]}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{src} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return True
 
 
 class ImageEncoder(nn.Module):
@@ -145,7 +162,8 @@ class ImageEncoder(nn.Module):
         embed_dim: Joint-space size (1024).
         cat_dim: Width of the image-category vector f_cat appended to the CNN features
             (300, the word2vec size; kept even when f_cat is off so checkpoints stay compatible).
-        weights / pretrained / width: See :func:`build_backbone`.
+        weights / pretrained / width: See :func:`build_backbone`; the weights are loaded by
+            :meth:`load_weights` (the LightningModule calls it when fitting starts).
         freeze_backbone: Keep the CNN fixed (D7; the paper fine-tunes from step 0).
     """
 
@@ -160,7 +178,10 @@ class ImageEncoder(nn.Module):
         freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
-        self.cnn, self.feat_dim = build_backbone(backbone, weights, pretrained, width)
+        # weights are loaded by load_weights() (training start), not here: a checkpoint being
+        # restored or evaluated must not need the ImageNet file
+        self.cnn, self.feat_dim = build_backbone(backbone, width=width)
+        self.backbone, self.weights, self.pretrained = backbone, weights, pretrained
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.cnn.requires_grad_(False)
@@ -170,6 +191,10 @@ class ImageEncoder(nn.Module):
             nn.BatchNorm1d(embed_dim),
             nn.LeakyReLU(0.02),
         )
+
+    def load_weights(self) -> bool:
+        """Load ``weights`` / ``pretrained`` into the CNN; True when something was loaded."""
+        return load_backbone_weights(self.cnn, self.backbone, self.weights, self.pretrained)
 
     def train(self, mode: bool = True) -> ImageEncoder:
         super().train(mode)

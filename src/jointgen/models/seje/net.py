@@ -43,6 +43,8 @@ class SEJE(nn.Module):
             ``wide_resnet50_2`` | ``small_cnn`` (CPU demos).
         image_weights: Local state-dict file for the CNN (None: random init).
         pretrained: Load torchvision ImageNet weights from the hub cache (never downloads).
+            Both are applied by ``image.load_weights()``, which the LightningModule calls when
+            fitting starts, so restoring or evaluating a checkpoint never needs the file.
         cnn_width: ``small_cnn`` base width.
         freeze_backbone: Keep the CNN fixed.
         embed_dim: Joint-space size (1024).
