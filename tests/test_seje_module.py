@@ -178,6 +178,9 @@ def test_experiment_configs_compose(tmp_path, experiment):
     else:
         model = instantiate(cfg.model)
         assert isinstance(model, SEJELitModule) and not model.net.built
+        path = tmp_path / "hparams.pt"  # Hydra containers would break weights_only loading
+        torch.save(dict(model.hparams), path)
+        assert torch.load(path, weights_only=True)["plateau"]["lr_patience"] == 3
 
 
 def test_run_seje_eval_writes_json_table_and_embeddings(tmp_path):

@@ -144,6 +144,12 @@ class SEJELitModule(LightningModule):
             raise ValueError(f"model.adv_loss must be one of {ADV_LOSSES}, got {adv_loss!r}")
         if (category_classifier is None) != (category_class_names is None):
             raise ValueError("set both model.category_classifier and category_class_names")
+        # plain containers (not Hydra's DictConfig/ListConfig), so checkpoints load with
+        # weights_only=True
+        plateau = {str(k): v for k, v in plateau.items()} if plateau else None
+        test_bag_sizes = tuple(int(n) for n in test_bag_sizes)
+        test_bags = tuple(int(n) for n in test_bags)
+        score_weights = tuple(float(w) for w in score_weights)
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "disc_optimizer"])
         self.automatic_optimization = False  # the discriminator has its own optimizer
         self.net = net
