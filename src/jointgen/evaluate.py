@@ -1,7 +1,14 @@
-"""`jointgen-eval ckpt_path=...`: importance-weighted test NLL of a trained model.
+"""`jointgen-eval ckpt_path=...`: score a trained checkpoint on held-out data.
 
-Reports bits/dim (and nats per image, the headline number for binary data such as MNIST) with
-``num_iw_samples`` importance samples, and writes ``results/metrics.json`` in the run directory.
+The checkpoint's model decides what is measured:
+
+* NVAE: importance-weighted test NLL in bits/dim (and nats per image, the headline number for
+  binary data such as MNIST) with ``num_iw_samples`` importance samples;
+* joint caption-image VAE (``JointLitModule``): the offline suite of
+  ``jointgen.eval.joint_runner.evaluate_joint`` (coherence, caption metrics, likelihoods,
+  in-domain Fréchet distance, probes) with the options under ``joint`` in ``conf/eval.yaml``.
+
+Both write ``results/metrics.json`` in the run directory (the joint suite also ``results.md``).
 """
 
 from __future__ import annotations
@@ -11,10 +18,12 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from jointgen import CONF_DIR
+from jointgen.generate import is_joint_config
 from jointgen.utils.checkpoint import model_from_checkpoint
 from jointgen.utils.checks import ConfigError, check_hardware, check_model_data
 from jointgen.utils.instantiate import instantiate_nodes
@@ -28,6 +37,13 @@ def run_eval(cfg: DictConfig) -> dict:
     data_cfg = OmegaConf.merge(train_cfg.data, cfg.get("data") or {})
     datamodule = instantiate(data_cfg)
     check_model_data(model.net, datamodule)
+    if is_joint_config(train_cfg):
+        return eval_joint(cfg, model, datamodule)
+    return eval_nll(cfg, model, datamodule)
+
+
+def eval_nll(cfg: DictConfig, model, datamodule) -> dict:
+    """Importance-weighted NLL of an image model through ``trainer.test`` (NVAE)."""
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split must be test or val, got {cfg.split!r}")
     if cfg.num_iw_samples < 1:
@@ -56,6 +72,57 @@ def run_eval(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         print(json.dumps(results, indent=2))
         print(f"results written to {out / 'metrics.json'}")
+    return results
+
+
+def eval_joint(cfg: DictConfig, model, datamodule) -> dict:
+    """The joint VAE's offline suite (``evaluate_joint``) with the options of ``cfg.joint``."""
+    from jointgen.eval.joint_runner import evaluate_joint, write_joint_results
+    from jointgen.eval.report import flatten
+
+    j = cfg.joint
+    if cfg.split not in ("test", "val", "test_heldout"):
+        raise ConfigError(f"split must be test, val or test_heldout, got {cfg.split!r}")
+    if j.image_attributes not in ("analytic", "classifier"):
+        raise ConfigError(f"joint.image_attributes must be analytic or classifier, got "
+                          f"{j.image_attributes!r}")  # fmt: skip
+    for key in ("num_samples", "image_iw_samples", "probe_samples", "batch_size"):
+        if int(j[key]) < (2 if key in ("num_samples", "probe_samples") else 1):
+            raise ConfigError(f"joint.{key} is too small: {j[key]}")
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    use_cuda = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    model.to("cuda" if use_cuda else "cpu")
+    seed = model.hparams.get("eval_seed", cfg.seed) if j.seed is None else j.seed
+    clf_opts = OmegaConf.to_container(j.classifier, resolve=True)
+    results = evaluate_joint(
+        model,
+        datamodule,
+        split=cfg.split,
+        num_samples=int(j.num_samples),
+        temperature=float(j.temperature),
+        image_attributes=str(j.image_attributes),
+        seed=int(seed),
+        batch_size=int(j.batch_size),
+        image_iw_samples=int(j.image_iw_samples),
+        probe_samples=int(j.probe_samples),
+        probe_train=int(j.probe_train),
+        frechet=bool(j.frechet),
+        classifier_options={k: v for k, v in clf_opts.items() if v is not None},
+        model_name=str(j.model_name),
+    )
+    results["meta"]["checkpoint"] = str(cfg.ckpt_path)
+    paths = write_joint_results(results, cfg.paths.output_dir, str(j.model_name))
+    loggers = instantiate_nodes(cfg.get("logger"), "logger")
+    numbers = {f"eval/{k}": v for k, v in flatten(results).items() if isinstance(v, float)}
+    for lg in loggers:
+        lg.log_metrics(numbers, step=0)
+        lg.save()
+    finish_loggers(loggers)
+    shown = ("coherence", "captions/", "likelihood/", "fd/", "classifier/")
+    for k, v in flatten(results).items():
+        if k.startswith(shown) and isinstance(v, float):
+            print(f"  {k:<44} {v:.4f}")
+    print(f"results written to {paths['json']} and {paths['markdown']}")
     return results
 
 

@@ -49,6 +49,8 @@ __all__ = [
     "is_joint_config",
     "render_captioned_grid",
     "render_samples",
+    "samples_image",
+    "take_result",
 ]
 
 
@@ -332,3 +334,11 @@ def samples_image(result: dict, records: list[dict] | None = None):
     """The captioned grid as a PIL image (for loggers)."""
     images, captions, colours, ncol = grid_cells(result, records)
     return captioned_grid(images, captions, ncol, colours=colours)
+
+
+def take_result(result: dict, k: int) -> dict:
+    """The first ``k`` samples of ``generate``'s result (every per-sample field sliced)."""
+    out = {}
+    for key, value in result.items():
+        out[key] = value[:k] if isinstance(value, torch.Tensor | list) else value
+    return out
