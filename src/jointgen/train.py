@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import hydra
@@ -19,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from jointgen import CONF_DIR
 from jointgen.callbacks.rng_state import RNGState
-from jointgen.utils.checks import check_hardware, check_model_data
+from jointgen.utils.checks import check_config, check_model_data
 from jointgen.utils.instantiate import instantiate_nodes
+from jointgen.utils.resume import auto_resume_argv, resolve_resume
 from jointgen.utils.runtime import ConfigInCheckpoint, build_trainer, finish_loggers, print_config
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,8 @@ def metric_value(metrics: dict, name: str) -> float:
 
 def run_train(cfg: DictConfig) -> float | None:
     """Train from a composed config; returns ``cfg.optimized_metric`` (None if not set)."""
-    check_hardware(cfg)
+    check_config(cfg)
+    ckpt_path = resolve_resume(cfg)  # resume=auto|<path> or ckpt_path
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -55,7 +58,7 @@ def run_train(cfg: DictConfig) -> float | None:
         lg.log_hyperparams(hparams)
 
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: _num(v) for k, v in trainer.callback_metrics.items()}
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cfg.get("test"):
@@ -104,12 +107,18 @@ def _write_outputs(cfg, model, trainer, metrics, best, out_dir: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     from jointgen.cli import guarded
     from jointgen.utils.ddp import install_hydra_ddp_launcher
 
     install_hydra_ddp_launcher("jointgen.train")
     return guarded(run_train)(cfg)
+
+
+def main() -> None:
+    """Entry point; ``resume=auto`` picks the previous run's directory before Hydra starts."""
+    sys.argv = auto_resume_argv(sys.argv, CONF_DIR)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -90,6 +90,8 @@ class NVAELitModule(LightningModule):
         self.num_dims = net.in_channels * net.image_size**2
         self.bad_steps = 0
         self.skipped_steps = 0
+        # bad-step signal read by jointgen.callbacks.nan_guard.NaNGuard (None: step was fine)
+        self.bad_step_reason: str | None = None
         object.__setattr__(self, "_fwd", net)  # not a submodule: keeps state_dict keys clean
         for stage in ("val", "test"):
             for name in ("nelbo_bpd", "bpd", "nll"):
@@ -199,6 +201,7 @@ class NVAELitModule(LightningModule):
         self.bad_steps += 1
         self.skipped_steps += 1
         culprit = _first_non_finite(out, recon, sr, bn)
+        self.bad_step_reason = f"non-finite loss ({culprit})"
         log.warning(
             "non-finite loss at step %d (%s); step skipped (%d consecutive)",
             self.global_step,

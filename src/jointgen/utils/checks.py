@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -72,3 +74,103 @@ def _check_joint(branches, datamodule) -> None:
         raise ConfigError(
             f"model.net.text.vocab_size={emb} but the data vocabulary has {len(vocab)} tokens"
         )
+
+
+# --- whole-config validation (before anything is built) -----------------------------------
+
+_PRECISIONS = {
+    "32-true", "32", "64-true", "64", "16-mixed", "16", "bf16-mixed", "bf16", "16-true",
+    "bf16-true", "transformer-engine", "transformer-engine-float16",
+}  # fmt: skip
+_ACCELERATORS = {"cpu", "gpu", "cuda", "mps", "tpu", "auto"}
+
+
+def check_config(cfg: DictConfig, root: str = "train") -> None:
+    """Validate a composed ``jointgen-train`` config; the first problem raises a one-line
+    :class:`ConfigError` naming the key and its value.
+
+    Covers unknown top-level keys (``+typo=1`` or a misspelt key in an experiment file; the
+    known ones are those of ``conf/<root>.yaml`` and its groups), sizes and counts, trainer
+    precision/accelerator/devices combinations, resume settings and the callback and logger
+    nodes. Nothing is built and no file is read except ``conf/<root>.yaml``.
+    """
+    check_top_level_keys(cfg, root)
+    check_hardware(cfg)
+    _check_trainer(cfg.trainer)
+    _check_data(cfg.get("data"))
+    if not isinstance(cfg.get("seed"), int):
+        raise ConfigError(f"seed must be an integer, got {cfg.get('seed')!r}")
+    resume = cfg.get("resume")
+    if resume is not None and not isinstance(resume, str):
+        raise ConfigError(f"resume must be null, auto or a path, got {resume!r}")
+    lr = OmegaConf.select(cfg, "model.optimizer.lr")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ConfigError(f"model.optimizer.lr must be positive, got {lr!r}")
+    for group in ("callbacks", "logger"):
+        node = cfg.get(group)
+        for name, sub in (node or {}).items():
+            if sub is not None and not (isinstance(sub, DictConfig) and "_target_" in sub):
+                raise ConfigError(f"{group}.{name} must be a node with a _target_, got {sub!r}")
+
+
+def check_top_level_keys(cfg: DictConfig, root: str = "train") -> None:
+    """Every top-level key must be declared by ``conf/<root>.yaml`` (its keys or groups)."""
+    from jointgen import CONF_DIR
+
+    primary = Path(CONF_DIR) / f"{root}.yaml"
+    if not primary.is_file():
+        return
+    raw = OmegaConf.load(primary)
+    known = {str(k) for k in raw if k != "defaults"} | {"hydra"}
+    for entry in raw.get("defaults", []):
+        if isinstance(entry, (dict, DictConfig)):
+            known |= {str(k).split("@")[0].split("/")[-1] for k in entry}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
+
+
+def _check_trainer(t: DictConfig) -> None:
+    prec, acc = str(t.get("precision", "32-true")), str(t.get("accelerator", "auto"))
+    if prec not in _PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={prec} is not a Lightning precision; use precision=fp32, "
+            "precision=bf16 or precision=fp16"
+        )
+    if acc not in _ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={acc} must be one of {sorted(_ACCELERATORS)}")
+    if t.get("sync_batchnorm") and acc == "cpu":
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is GPU-only); "
+            "set it to false with hardware=cpu or hardware=ddp_cpu"
+        )
+    if prec.startswith("bf16") and acc in ("gpu", "cuda") and torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"trainer.precision={prec} but this GPU has no bf16; use fp16")
+    devices = t.get("devices", 1)
+    if isinstance(devices, int) and devices < -1:
+        raise ConfigError(f"trainer.devices must be positive or -1, got {devices}")
+    for key, low in (("num_nodes", 1), ("log_every_n_steps", 1), ("accumulate_grad_batches", 1)):
+        _at_least(f"trainer.{key}", t.get(key), low)
+    for key in ("max_epochs", "max_steps"):
+        _at_least(f"trainer.{key}", t.get(key), -1)
+    clip = t.get("gradient_clip_val")
+    if clip is not None and not (isinstance(clip, (int, float)) and clip >= 0):
+        raise ConfigError(f"trainer.gradient_clip_val must be >= 0 or null, got {clip!r}")
+
+
+def _check_data(d: DictConfig | None) -> None:
+    if d is None:
+        return
+    _at_least("data.batch_size", d.get("batch_size"), 1)
+    _at_least("data.num_workers", d.get("num_workers"), 0)
+
+
+def _at_least(key: str, value, low: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        rule = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
