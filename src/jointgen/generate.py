@@ -183,8 +183,8 @@ def generate(
             out_images = torch.cat([p["image"].cpu() for p in parts])
             out_tokens = torch.cat([p["tokens"].cpu() for p in parts])
         elif mode == "caption_to_image":
-            out_images = batched(lambda t: net.caption_to_image(t, temp), tokens, batch_size=bs,
-                                 device=device)  # fmt: skip
+            fn = lambda t: net.caption_to_image(t, temp)  # noqa: E731
+            out_images = batched(fn, tokens, batch_size=bs, device=device)
         elif mode == "image_to_caption":
             fn = lambda x: net.image_to_caption(x, greedy=greedy, temp=temp)  # noqa: E731
             out_tokens = batched(fn, images, batch_size=bs, device=device)
@@ -193,8 +193,8 @@ def generate(
             for s in range(0, len(images), bs):
                 x, t = images[s : s + bs].to(device), tokens[s : s + bs].to(device)
                 m = torch.ones(len(x), dtype=torch.bool, device=device)
-                parts.append(net.reconstruct({"image": x, "tokens": t, "mask_image": m,
-                                              "mask_text": m}))  # fmt: skip
+                batch = {"image": x, "tokens": t, "mask_image": m, "mask_text": m}
+                parts.append(net.reconstruct(batch))
             out_images = torch.cat([p["image"].cpu() for p in parts])
             out_tokens = torch.cat([p["tokens"].cpu() for p in parts])
     count = n if mode == "joint" else len(tokens if tokens is not None else images)
