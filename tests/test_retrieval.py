@@ -150,6 +150,7 @@ class TestMetric:
 
 
 def _ddp_worker(rank: int, port: int, img, rec, ids, out) -> None:
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -162,6 +163,7 @@ def _ddp_worker(rank: int, port: int, img, rec, ids, out) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: ~10 s idle, ~40 s on a busy 2-core machine
 def test_metric_under_two_process_gloo_ddp():
     img, rec = _pairs(33)
     ids = [f"id{i:03d}" for i in range(33)]

@@ -105,8 +105,17 @@ def _trainer(tmp_path, epochs: int) -> pl.Trainer:
     )  # fmt: skip
 
 
+@pytest.fixture
+def one_thread():
+    # tiny ops: OpenMP threads only add contention (10-50x slower on a shared 2-core machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("adv", ["bce", "wgan_gp"])
-def test_training_learns_and_checkpoint_reloads(tmp_path, adv):
+def test_training_learns_and_checkpoint_reloads(tmp_path, adv, one_thread):
     torch.manual_seed(0)
     dm = FakeRecipeData()
     plateau = None if adv == "bce" else {"lr_patience": 1, "stop_patience": 1, "lr_after": 1e-4}
@@ -183,7 +192,7 @@ def test_experiment_configs_compose(tmp_path, experiment):
         assert torch.load(path, weights_only=True)["plateau"]["lr_patience"] == 3
 
 
-def test_run_seje_eval_writes_json_table_and_embeddings(tmp_path):
+def test_run_seje_eval_writes_json_table_and_embeddings(tmp_path, one_thread):
     import json
 
     import numpy as np
