@@ -71,7 +71,12 @@ def test_eval_cli_reports_bits_per_dim(trained):
         ),
         (["data.image_size=0"], "data.image_size must be positive, got 0"),
         (
-            ["model.net.image_size=30", "data.image_size=30", "model.net.num_latent_scales=2"],
+            [
+                "experiment=nvae_shapes",
+                "model.net.image_size=30",
+                "data.image_size=30",
+                "model.net.num_latent_scales=2",
+            ],
             "not divisible by the model's down-sampling factor 4",
         ),
         (["precision=fp16"], "precision=bf16 or precision=fp32"),
