@@ -36,7 +36,7 @@ PARITY = [o for o in TINY_OVERRIDES if not o.startswith(("data.batch_size", "log
 def _cli(args: list[str], root: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "jointgen-train"
     path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, JOINTGEN_ROOT=str(root), PYTHONPATH=path)
+    env = dict(os.environ, JOINTGEN_ROOT=str(root), PYTHONPATH=path, OMP_NUM_THREADS="1")
     return subprocess.run(
         [str(exe), *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -44,7 +44,12 @@ def _cli(args: list[str], root: Path, timeout: int = 600) -> subprocess.Complete
 
 def test_ddp_cpu_matches_one_process_with_the_same_global_batch(tmp_path):
     single = compose_cfg("train", PARITY + ["data.batch_size=16"], tmp_path / "single")
-    run_train(single)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: one thread is faster than contended ones
+    try:
+        run_train(single)
+    finally:
+        torch.set_num_threads(threads)
     res = _cli(["hardware=ddp_cpu", "data.batch_size=8", *PARITY], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
 

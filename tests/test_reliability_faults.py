@@ -26,6 +26,15 @@ FAULT_OVERRIDES = TINY_OVERRIDES + [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread than on a few contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _setup(tmp_path, epochs=2, nan_loss_steps=(), nan_grad_steps=()):
     cfg = compose_cfg("train", FAULT_OVERRIDES + [f"trainer.max_epochs={epochs}"], tmp_path)
     pl.seed_everything(0)

@@ -115,7 +115,8 @@ RUN = [
 
 def _train_cmd(root: Path) -> tuple[list[str], dict]:
     exe = Path(sys.executable).parent / "jointgen-train"
-    env = dict(os.environ, JOINTGEN_ROOT=str(root), HYDRA_FULL_ERROR="1")
+    # one thread in every run: less contention on small machines, same kernels as the reference
+    env = dict(os.environ, JOINTGEN_ROOT=str(root), HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
     return [str(exe), *RUN], env
 
 
@@ -128,7 +129,12 @@ def _final(run: Path) -> tuple[dict, dict]:
 def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
     # reference: the same training, uninterrupted, in this process
     ref_cfg = compose_cfg("train", [o for o in RUN if o != "resume=auto"], tmp_path / "ref")
-    run_train(ref_cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_train(ref_cfg)
+    finally:
+        torch.set_num_threads(threads)
     ref_summary, ref_state = _final(Path(ref_cfg.paths.output_dir))
 
     root = tmp_path / "cli"
