@@ -93,6 +93,7 @@ class JointLitModule(LightningModule):
         # spectral regularisation keeps the NVAE hierarchy stable (its u, v are buffers)
         self.sr = SpectralRegularizer(img.net) if self.nvae_image else None
         self.bad_steps = self.skipped_steps = 0
+        self.bad_step_reason: str | None = None  # read by callbacks.nan_guard
         for stage in ("val", "test"):
             for name in ("nelbo", "bpd_img", "nll_txt"):
                 setattr(self, f"{stage}_{name}", MeanMetric())
@@ -147,6 +148,7 @@ class JointLitModule(LightningModule):
         self.bad_steps += 1
         self.skipped_steps += 1
         culprits = [n for n, v in terms.items() if not torch.isfinite(v)] or ["a regulariser"]
+        self.bad_step_reason = f"non-finite loss ({', '.join(culprits)})"
         log.warning(
             "non-finite loss at step %d (%s); step skipped (%d consecutive)",
             self.global_step, ", ".join(culprits), self.bad_steps,
