@@ -224,3 +224,31 @@ def test_run_seje_eval_writes_json_table_and_embeddings(tmp_path, one_thread):
     emb = np.load(tmp_path / "results" / "embeddings.npz")
     assert emb["img"].shape == emb["rec"].shape == (128, 32)
     assert list(emb["ids"]) == sorted(emb["ids"])
+
+
+def test_word_vectors_and_image_category_classifier_from_files(tmp_path, one_thread):
+    import numpy as np
+
+    from jointgen.data.word2vec import save_vectors
+    from jointgen.models.seje import build_backbone
+
+    words = [f"w{i}" for i in range(VOCAB - 4)] + ["apple_pie", "pad", "thai", "soup"]
+    vectors = np.random.default_rng(0).normal(size=(VOCAB - 2, 16)).astype(np.float32)
+    save_vectors(tmp_path / "vocab.bin", words[: VOCAB - 2], vectors)
+    (tmp_path / "classes.txt").write_text("apple_pie\npad_thai\nunknown_dish\n")
+    clf, _ = build_backbone("small_cnn", width=4, num_classes=3)
+    torch.save(clf.state_dict(), tmp_path / "clf.pt")
+    dm = FakeRecipeData()
+    dm.word_vectors_path = str(tmp_path / "vocab.bin")
+    model = tiny_module(
+        category_classifier=str(tmp_path / "clf.pt"),
+        category_class_names=str(tmp_path / "classes.txt"),
+    )
+    model.net.category_arch, model.net.cnn_width = "small_cnn", 4
+    trainer = _trainer(tmp_path, 1)
+    trainer.limit_train_batches = 1
+    trainer.fit(model, datamodule=dm)
+    emb = model.net.recipe.words.weight.detach()
+    assert torch.allclose(emb[2:3], torch.from_numpy(vectors[:1]), atol=1e-2)  # one Adam step
+    tokens = model.net.category.class_tokens
+    assert tokens[0, 0] == words.index("apple_pie") + 2 and tokens[2].eq(0).all()
