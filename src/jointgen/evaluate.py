@@ -37,6 +37,10 @@ def run_eval(cfg: DictConfig) -> dict:
     data_cfg = OmegaConf.merge(train_cfg.data, cfg.get("data") or {})
     datamodule = instantiate(data_cfg)
     check_model_data(model.net, datamodule)
+    if type(model).__name__ == "SEJELitModule":  # retrieval: MedR and R@K over bags
+        from jointgen.eval.retrieval_eval import run_seje_eval
+
+        return run_seje_eval(cfg, model, cfg.ckpt_path, datamodule=datamodule)
     if is_joint_config(train_cfg):
         return eval_joint(cfg, model, datamodule)
     return eval_nll(cfg, model, datamodule)
