@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric, MinMetric
 
+from jointgen.models.eval_seed import SeededEvaluation
 from jointgen.models.joint import JointVAE
 from jointgen.models.joint.distributions import log_mean_exp, standard
 from jointgen.models.joint.image_nvae import NVAEImageBranch
@@ -43,7 +44,7 @@ def warmup_coeff(step: int, total: int, fraction: float, delay: float = 0.0, flo
     return float(max(min((step - delay * total) / warm, 1.0), floor))
 
 
-class JointLitModule(LightningModule):
+class JointLitModule(SeededEvaluation, LightningModule):
     """Trains :class:`~jointgen.models.joint.JointVAE` on caption-image batches.
 
     Args:
@@ -212,22 +213,6 @@ class JointLitModule(LightningModule):
             self.log(f"{stage}/{name}", metric, on_epoch=True, prog_bar=name == "nelbo")
         terms = {f"{stage}/{n}": v for n, v in out.terms.items() if n != "bound"}
         self.log_dict(terms, on_epoch=True, batch_size=bs)
-
-    def _enter_eval_rng(self) -> None:
-        self._saved_rng = torch.get_rng_state()
-        torch.manual_seed(self.hparams.eval_seed + self.global_rank)
-
-    def _exit_eval_rng(self) -> None:
-        torch.set_rng_state(self._saved_rng)
-
-    def on_validation_epoch_start(self) -> None:
-        self._enter_eval_rng()
-
-    def on_test_epoch_start(self) -> None:
-        self._enter_eval_rng()
-
-    def on_test_epoch_end(self) -> None:
-        self._exit_eval_rng()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.hparams.num_iw_samples_val)

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric, MinMetric
 
+from jointgen.models.eval_seed import SeededEvaluation
 from jointgen.models.nvae import NVAE
 from jointgen.models.nvae.objectives import (
     SpectralRegularizer,
@@ -35,7 +36,7 @@ class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive non-finite training losses."""
 
 
-class NVAELitModule(LightningModule):
+class NVAELitModule(SeededEvaluation, LightningModule):
     """Trains :class:`~jointgen.models.nvae.NVAE` with the NVAE objective.
 
     ``loss = mean_batch(recon + k * KL_bal) + lam * SR + lam * BN`` (spec section 2).
@@ -240,25 +241,6 @@ class NVAELitModule(LightningModule):
                 self._kl_group_sum = self._kl_group_sum + kg
             self._n_val += x.shape[0]
 
-    def _enter_eval_rng(self) -> None:
-        self._saved_rng = (torch.get_rng_state(), _cuda_rng_state())
-        torch.manual_seed(self.hparams.eval_seed + self.global_rank)
-
-    def _exit_eval_rng(self) -> None:
-        cpu, cuda = self._saved_rng
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-    def on_validation_epoch_start(self) -> None:
-        self._enter_eval_rng()
-
-    def on_test_epoch_start(self) -> None:
-        self._enter_eval_rng()
-
-    def on_test_epoch_end(self) -> None:
-        self._exit_eval_rng()
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.hparams.num_iw_samples_val)
 
@@ -296,10 +278,6 @@ class NVAELitModule(LightningModule):
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def _cuda_rng_state():
-    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
 
 def _first_non_finite(out, recon, sr, bn) -> str:
