@@ -12,6 +12,11 @@ class ConfigError(ValueError):
     """A user-facing configuration error (printed as one line by the CLI)."""
 
 
+class DataFormatError(ConfigError):
+    """A damaged or malformed dataset file; the message names the file and the key, value or
+    position. A :class:`ConfigError`, so the console scripts print it as one line."""
+
+
 def check_hardware(cfg: DictConfig) -> None:
     t = cfg.trainer
     acc, prec = str(t.get("accelerator", "cpu")), str(t.get("precision", "32-true"))

@@ -20,6 +20,7 @@ from jointgen.data.images.common import (
     DictImageDataset,
     FileSource,
     ImageDataModule,
+    convert_image,
     missing_data_error,
     scan_images,
 )
@@ -28,6 +29,7 @@ FOLDER = "celeba"
 IMAGES = "img_align_celeba"
 PARTITION = "list_eval_partition.txt"
 SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
+ALIGNED_SIZE = (178, 218)  # width x height of every img_align_celeba file
 CROP_BOX = (15, 40, 163, 188)  # NVAE's CropCelebA64: left, upper, right, lower (148 x 148)
 SIZE = 64
 SOURCE = (
@@ -39,7 +41,10 @@ SOURCE = (
 def load_celeba64(path: str) -> Image.Image:
     """Crop the face box and resize to 64 x 64 (PIL bilinear, antialiased when downsampling)."""
     with Image.open(path) as img:
-        return img.convert("RGB").crop(CROP_BOX).resize((SIZE, SIZE), Image.BILINEAR)
+        if img.size != ALIGNED_SIZE:  # the box only fits aligned faces; PIL would pad black
+            raise ValueError(f"{path} is {img.size[0]}x{img.size[1]}, not {ALIGNED_SIZE}")
+        rgb = convert_image(img, "RGB")
+    return rgb.crop(CROP_BOX).resize((SIZE, SIZE), Image.BILINEAR)
 
 
 def read_partition(path: Path) -> dict[int, list[str]]:
@@ -126,7 +131,7 @@ class CelebA64DataModule(ImageDataModule):
             self._partition = read_partition(self.root / PARTITION)
         name = {"train": "train", "val": "valid", "test": self.eval_split}[split]
         paths = [self.root / IMAGES / f for f in self._partition[SPLIT_IDS[name]]]
-        keep = scan_images(paths, f"CelebA {name}")
+        keep = scan_images(paths, f"CelebA {name}", size=ALIGNED_SIZE)
         if not keep:
             raise missing_data_error(
                 f"CelebA {name} images",

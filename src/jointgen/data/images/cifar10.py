@@ -19,9 +19,11 @@ from jointgen.data.images.common import (
     ArraySource,
     DictImageDataset,
     ImageDataModule,
+    int_labels,
     missing_data_error,
     pick_key,
     restricted_load,
+    uint8_rows,
 )
 
 FOLDER = "cifar-10-batches-py"
@@ -35,12 +37,10 @@ def read_cifar_batches(paths: Sequence[Path]) -> ArraySource:
     chunks, labels = [], []
     for path in paths:
         record = restricted_load(path, encoding="bytes")
-        data = np.asarray(pick_key(record, "data", path), dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{path}: expected data of shape N x 3072, got {data.shape}")
+        data = uint8_rows(pick_key(record, "data", path), path, 3 * 32 * 32)
         # rows store the 1024 red, then green, then blue values: a plain reshape gives CHW
         chunks.append(data.reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(pick_key(record, "labels", path), dtype=np.int64))
+        labels.append(int_labels(pick_key(record, "labels", path), path, 0, 9, len(data)))
     return ArraySource(chunks, np.concatenate(labels))
 
 

@@ -25,6 +25,8 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from jointgen.utils.checks import DataFormatError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -58,10 +60,48 @@ def missing_data_error(
 
 def pick_key(record: Mapping[Any, Any], key: str, source: Path) -> Any:
     """Read ``key`` from an unpickled dict whose keys may be ``str`` or Python-2 ``bytes``."""
+    if not isinstance(record, Mapping):
+        raise DataFormatError(f"{source}: expected a dict, found {type(record).__name__}")
     for candidate in (key, key.encode()):
         if candidate in record:
             return record[candidate]
-    raise KeyError(f"{source}: no '{key}' entry (found keys {sorted(map(str, record))})")
+    found = sorted(map(str, record))[:8]
+    raise DataFormatError(f"{source}: no '{key}' entry (found keys {found})")
+
+
+def uint8_rows(data: Any, source: Path, row_size: int) -> np.ndarray:
+    """``data`` as a uint8 N x ``row_size`` array; anything else is refused, never cast
+    (float pixels in [0, 1] cast to uint8 would silently become black images)."""
+    try:
+        data = np.asarray(data)
+    except ValueError as e:  # ragged nested lists
+        raise DataFormatError(f"{source}: 'data' is not an array ({e})") from None
+    if data.dtype != np.uint8:
+        raise DataFormatError(f"{source}: 'data' must hold uint8 pixels, found {data.dtype}")
+    if data.ndim != 2 or data.shape[1] != row_size:
+        raise DataFormatError(f"{source}: expected data of shape N x {row_size}, got {data.shape}")
+    return data
+
+
+def int_labels(labels: Any, source: Path, low: int, high: int, count: int) -> np.ndarray:
+    """``count`` integer labels in ``low..high`` as int64, or a :class:`DataFormatError`."""
+    try:
+        labels = np.asarray(labels)
+    except ValueError as e:
+        raise DataFormatError(f"{source}: 'labels' is not an array ({e})") from None
+    if labels.size == 0:
+        labels = labels.astype(np.int64)
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:
+        raise DataFormatError(
+            f"{source}: 'labels' must be a list of integers, found {labels.dtype} "
+            f"of shape {labels.shape}"
+        )
+    if len(labels) != count:
+        raise DataFormatError(f"{source}: {count} images but {len(labels)} labels")
+    if labels.size and (labels.min() < low or labels.max() > high):
+        bad = labels[(labels < low) | (labels > high)][0]
+        raise DataFormatError(f"{source}: label {bad} outside {low}..{high}")
+    return labels.astype(np.int64)
 
 
 # --- restricted unpickling ---------------------------------------------------------------------
@@ -119,10 +159,31 @@ class RestrictedUnpickler(pickle.Unpickler):
         return target
 
 
+class PickleFormatError(DataFormatError, pickle.UnpicklingError):
+    """A truncated or damaged pickle, or one that refers to a forbidden global (names the file)."""
+
+
+def pickle_error(source: str | Path, err: BaseException) -> PickleFormatError:
+    """One-line :class:`PickleFormatError` naming ``source`` for any unpickling failure."""
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, pickle.UnpicklingError) and msg.startswith(str(source)):
+        return PickleFormatError(msg)  # a refused global: the message already names the file
+    return PickleFormatError(f"{source}: not a readable pickle ({type(err).__name__}: {msg})")
+
+
 def restricted_load(path: Path, encoding: str = "bytes") -> Any:
-    """Load one pickle file through :class:`RestrictedUnpickler`."""
+    """Load one pickle file through :class:`RestrictedUnpickler`.
+
+    Raises:
+        PickleFormatError: the file is damaged or refers to a forbidden global.
+    """
     with open(path, "rb") as f:
-        return RestrictedUnpickler(f, source=path, encoding=encoding).load()
+        try:
+            return RestrictedUnpickler(f, source=path, encoding=encoding).load()
+        # a damaged pickle can fail in many ways (EOFError, KeyError, TypeError, ...); no
+        # foreign code runs in here, so every failure is a property of the file
+        except Exception as e:  # noqa: BLE001
+            raise pickle_error(path, e) from None
 
 
 # --- pixels ------------------------------------------------------------------------------------
@@ -140,30 +201,56 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
     """PIL image (mode L or RGB) to a uint8 C x H x W tensor."""
+    if img.mode not in ("L", "RGB"):  # a silent uint8 cast of other modes would be wrong
+        raise ValueError(f"expected an L or RGB image, got mode {img.mode}")
     array = np.array(img, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def scan_images(paths: Sequence[Path], name: str) -> list[int]:
+def convert_image(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` in ``mode`` (L or RGB) without PIL's silent pitfalls.
+
+    PIL converts 16-bit grey (PNG ``I;16``, or ``I``) to L or RGB by clipping at 255, which
+    turns most pixels white: it is scaled to 8 bits here instead. Palette transparency goes
+    through RGBA; alpha is then dropped, as torchvision's loader does; grey is replicated to
+    RGB. Floating-point images (mode F) have no 0..255 range and are refused (a ``ValueError``,
+    which the loaders count as an unreadable image).
+    """
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.asarray(img).astype(np.int64)
+        img = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L")
+    elif img.mode == "F":
+        raise ValueError("floating-point image (mode F) has no 0..255 range")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return img.convert(mode)  # always a loaded copy: the caller may close the file
+
+
+def scan_images(
+    paths: Sequence[Path], name: str, size: tuple[int, int] | None = None
+) -> list[int]:
     """Indices of the files whose header PIL can read; logs one summary line for the rest.
 
     Only the header is parsed here (cheap); a file that is damaged further in is caught at
-    load time by :class:`FileSource`.
+    load time by :class:`FileSource`. With ``size`` (width, height), images of any other size
+    are skipped too and summarised on their own line.
     """
-    keep, bad = [], []
+    keep, bad, odd = [], [], []
     for i, path in enumerate(paths):
         try:
-            with Image.open(path):
-                keep.append(i)
+            with Image.open(path) as img:
+                if size is not None and img.size != tuple(size):
+                    odd.append(f"{path} {img.size[0]}x{img.size[1]}")
+                else:
+                    keep.append(i)
         except IMAGE_ERRORS:
-            bad.append(path)
-    if bad:
-        shown = ", ".join(str(p) for p in bad[:3]) + (", ..." if len(bad) > 3 else "")
-        log.warning(
-            "%s: skipped %d of %d unreadable images (%s)", name, len(bad), len(paths), shown
-        )
+            bad.append(str(path))
+    for what, items in (("unreadable images", bad), (f"images not {size}", odd)):
+        if items:
+            shown = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+            log.warning("%s: skipped %d of %d %s (%s)", name, len(items), len(paths), what, shown)
     return keep
 
 
@@ -203,7 +290,8 @@ class FileSource:
     """Images decoded from files on every access by ``loader`` (path -> PIL image).
 
     A file that fails to decode is replaced by the next readable one (with a warning the first
-    time) so a single damaged image never stops a long run.
+    time, naming the file and how many have failed so far in this process) so a single damaged
+    image never stops a long run; the pair stays consistent (the replacement's own label).
 
     Args:
         paths: Image files.
@@ -233,7 +321,12 @@ class FileSource:
             except IMAGE_ERRORS as err:
                 if self.paths[i] not in self._failed:
                     self._failed.add(self.paths[i])
-                    log.warning("skipping undecodable image %s (%s)", self.paths[i], err)
+                    log.warning(
+                        "skipping undecodable image %s (%s); %d skipped so far",
+                        self.paths[i],
+                        err,
+                        len(self._failed),
+                    )
         raise RuntimeError(f"{min(n, self.max_attempts)} images in a row failed to decode")
 
 

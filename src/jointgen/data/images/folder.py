@@ -26,6 +26,7 @@ from jointgen.data.images.common import (
     FileSource,
     ImageDataModule,
     check_positive,
+    convert_image,
     scan_images,
 )
 
@@ -50,10 +51,8 @@ def list_images(root: Path) -> list[Path]:
 def load_resized(path: str, size: int, mode: str) -> Image.Image:
     """Open, apply EXIF rotation, convert to ``mode``, resize the shorter side, center-crop."""
     with Image.open(path) as opened:
-        img = ImageOps.exif_transpose(opened)
-        if img.mode == "P":  # palette transparency must go through RGBA to convert cleanly
-            img = img.convert("RGBA")
-        img = img.convert(mode)  # RGBA drops alpha, L is replicated to RGB, RGB goes to luma
+        # RGBA drops alpha, L is replicated to RGB, RGB goes to luma, 16-bit grey is scaled
+        img = convert_image(ImageOps.exif_transpose(opened), mode)
     w, h = img.size
     # torchvision's Resize(int) rounds the long side down
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)

@@ -23,10 +23,13 @@ from jointgen.data.images.common import (
     ArraySource,
     DictImageDataset,
     ImageDataModule,
+    int_labels,
     missing_data_error,
     pick_key,
     restricted_load,
+    uint8_rows,
 )
+from jointgen.utils.checks import DataFormatError
 
 TRAIN_DIRS = ("Imagenet32_train", "Imagenet32_train_npz")
 VAL_DIRS = ("Imagenet32_val", "Imagenet32_val_npz")
@@ -38,17 +41,22 @@ SOURCE = "Imagenet32 pickle or npz batches from https://image-net.org/download-i
 def read_imagenet32_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Images as uint8 N x 3 x 32 x 32 and 0-based labels from one pickle or npz batch."""
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as record:
-            data, labels = record["data"], record["labels"]
+        try:
+            with np.load(path, allow_pickle=False) as record:
+                data, labels = pick_key(record, "data", path), pick_key(record, "labels", path)
+        except DataFormatError:
+            raise
+        # a damaged zip fails with BadZipFile, zlib.error, EOFError, ValueError, ...
+        except Exception as e:  # noqa: BLE001
+            raise DataFormatError(
+                f"{path}: not a readable .npz ({type(e).__name__}: {e})"
+            ) from None
     else:
         record = restricted_load(path, encoding="bytes")
         data, labels = pick_key(record, "data", path), pick_key(record, "labels", path)
-    data = np.asarray(data, dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{path}: expected data of shape N x 3072, got {data.shape}")
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if labels.size and labels.min() < 1:
-        raise ValueError(f"{path}: labels should be 1-based (1..1000), found {labels.min()}")
+    data = uint8_rows(data, path, 3 * 32 * 32)
+    # labels are 1-based (1..1000)
+    labels = int_labels(labels, path, 1, 1000, len(data))
     return data.reshape(-1, 3, 32, 32), labels - 1
 
 
@@ -124,8 +132,6 @@ class ImageNet32DataModule(ImageDataModule):
             chunks, labels = [], []
             for path in self._paths(files):
                 data, targets = read_imagenet32_batch(path)
-                if len(data) != len(targets):
-                    raise ValueError(f"{path}: {len(data)} images but {len(targets)} labels")
                 chunks.append(data)
                 labels.append(targets)
             self._sources[files] = ArraySource(chunks, np.concatenate(labels))

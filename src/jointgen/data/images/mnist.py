@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from jointgen.data.images.common import (
     ImageDataModule,
     missing_data_error,
 )
+from jointgen.utils.checks import DataFormatError
 
 FOLDER = Path("MNIST") / "raw"
 FILES = {
@@ -38,21 +40,23 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as err:  # a damaged gzip stream
-        raise ValueError(f"{path}: cannot read IDX file ({err})") from err
+    except (OSError, EOFError, zlib.error) as err:  # a damaged gzip stream
+        raise DataFormatError(f"{path}: cannot read IDX file ({err})") from err
     if len(raw) < 4:
-        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
+        raise DataFormatError(f"{path}: truncated IDX file ({len(raw)} bytes, no header)")
     found = int.from_bytes(raw[:4], "big")
     if found != magic:
-        raise ValueError(f"{path}: wrong IDX magic number {found}, expected {magic}")
+        raise DataFormatError(f"{path}: wrong IDX magic number {found}, expected {magic}")
     ndim = magic & 0xFF  # the low byte of the magic number counts the dimensions
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes, header needs {header})")
+        raise DataFormatError(
+            f"{path}: truncated IDX file ({len(raw)} bytes, header needs {header})"
+        )
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     count = math.prod(dims)
     if len(raw) - header < count:
-        raise ValueError(
+        raise DataFormatError(
             f"{path}: truncated IDX file, dims {dims} need {count} bytes after the header, "
             f"found {len(raw) - header}"
         )
@@ -128,11 +132,15 @@ class MNISTDataModule(ImageDataModule):
             image_path, label_path = (self._find(n) for n in FILES[files])
             images = read_idx(image_path, IMAGE_MAGIC)
             labels = read_idx(label_path, LABEL_MAGIC)
+            if images.shape[1:] != (28, 28):
+                raise DataFormatError(f"{image_path}: images are {images.shape[1:]}, not 28 x 28")
             if len(images) != len(labels):
-                raise ValueError(
+                raise DataFormatError(
                     f"{image_path} holds {len(images)} images but {label_path} "
                     f"{len(labels)} labels"
                 )
+            if labels.size and labels.max() > 9:
+                raise DataFormatError(f"{label_path}: label {labels.max()} outside 0..9")
             self._sources[files] = ArraySource([images[:, None]], labels)
         return self._sources[files]
 
