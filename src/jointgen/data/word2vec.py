@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jointgen.utils.checks import ConfigError
+from jointgen.utils.checks import DataFormatError
 
 log = logging.getLogger(__name__)
 PAD_ID, UNK_ID, FIRST_WORD_ID = 0, 1, 2
 EOS = "</s>"
 
 
-class Word2VecFormatError(ConfigError):
+class Word2VecFormatError(DataFormatError):
     """A malformed or truncated word2vec file; the message names the file and position."""
 
 
@@ -53,12 +53,13 @@ def load_vectors(path: str | Path) -> tuple[list[str], np.ndarray]:
     end = data.find(b"\n")
     try:
         v, d = (int(x) for x in data[:end].split())
-        if v < 0 or d <= 0:
+        if v < 0 or not 0 < d <= len(data):  # a row of D floats must fit the file
             raise ValueError
     except ValueError:
         raise _error(path, f"bad header {data[: max(end, 0)][:40]!r}; expected 'V D'") from None
     words: list[str] = []
-    vectors = np.empty((v, d), dtype=np.float32)
+    # no more rows than the file can hold: a damaged header could ask for terabytes
+    vectors = np.empty((min(v, len(data) // (1 + 4 * d)), d), dtype=np.float32)
     row = d * 4
     pos = end + 1
     for i in range(v):
@@ -74,7 +75,11 @@ def load_vectors(path: str | Path) -> tuple[list[str], np.ndarray]:
         except UnicodeDecodeError:
             raise _error(path, f"word {i} at byte {pos} is not valid UTF-8") from None
         vectors[i] = np.frombuffer(data, dtype="<f4", count=d, offset=space + 1)
+        if not np.isfinite(vectors[i]).all():  # flipped bytes often give NaN or inf
+            raise _error(path, f"word {i} ({words[-1]!r}) at byte {pos} has non-finite values")
         pos = space + 1 + row
+    if data[pos:].strip():  # more rows than the header counts: V is wrong
+        raise _error(path, f"data after word {v} of {v} (byte {pos}); the header is wrong")
     return words, vectors
 
 

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from jointgen.data.images.common import IMAGE_ERRORS
@@ -32,6 +33,7 @@ from jointgen.data.recipe1m.cache import CACHE_VERSION, SPLITS, RaggedWriter
 from jointgen.data.recipe1m.jsonstream import iter_json_array
 from jointgen.data.recipe1m.pickles import restricted_load_all
 from jointgen.data.recipe1m.text import join_phrases, phrase_token
+from jointgen.utils.checks import DataFormatError
 
 log = logging.getLogger(__name__)
 VERIFY_MODES = ("none", "exists", "open", "decode")
@@ -90,10 +92,12 @@ def _read_det(path: Path, chunk_size: int, report: _Report) -> dict[str, str]:
     out: dict[str, str] = {}
     for n, rec in enumerate(iter_json_array(path, chunk_size)):
         try:
-            rid, items, valid = rec["id"], rec["ingredients"], rec["valid"]
-            tokens = (("1" if v else "0") + phrase_token(x["text"]) for x, v in zip(items, valid))
+            rid, items, valid = _str(rec["id"]), rec["ingredients"], rec["valid"]
+            tokens = (
+                ("1" if v else "0") + phrase_token(_str(x["text"])) for x, v in zip(items, valid)
+            )
             out[rid] = " ".join(t for t in tokens if len(t) > 1)
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, IndexError):
             report.add("malformed_det_ingrs", f"{path.name}[{n}]")
     return out
 
@@ -103,16 +107,46 @@ def _read_layer2(path: Path, chunk_size: int, report: _Report) -> dict[str, str]
     out: dict[str, str] = {}
     for n, rec in enumerate(iter_json_array(path, chunk_size)):
         try:
-            out[rec["id"]] = "\n".join(im["id"] for im in rec["images"])
-        except (KeyError, TypeError):
+            out[_str(rec["id"])] = "\n".join(_str(im["id"]) for im in rec["images"])
+        except (KeyError, TypeError, IndexError):
             report.add("malformed_layer2", f"{path.name}[{n}]")
     return out
 
 
+def _str(x: object) -> str:
+    """``x`` if it is a string; a ``TypeError`` (counted as a malformed record) otherwise."""
+    if not isinstance(x, str):
+        raise TypeError(f"expected a string, got {type(x).__name__}")
+    return x
+
+
 def read_classes(path: Path) -> tuple[dict[str, int], dict[int, str]]:
-    """classes1M.pkl: two pickles, {recipe_id: class} then {class: name} (restricted loader)."""
+    """classes1M.pkl: two pickles, {recipe_id: class} then {class: name} (restricted loader).
+
+    Raises:
+        DataFormatError: either pickle is not a dict of the expected key and value types, or a
+            class is negative or does not fit the int32 cache column (names the entry).
+    """
     id2class, class2name = restricted_load_all(path, count=2, encoding="latin1")
-    return dict(id2class), dict(class2name)
+
+    def is_int(x: object) -> bool:
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    for what, table, key_ok, value_ok, rule in (
+        ("first", id2class, lambda k: isinstance(k, str), is_int, "str -> int"),
+        ("second", class2name, is_int, lambda v: isinstance(v, str), "int -> str"),
+    ):
+        if not isinstance(table, dict):
+            raise DataFormatError(
+                f"{path}: the {what} pickle is a {type(table).__name__}, not a dict"
+            )
+        for k, v in table.items():
+            if not (key_ok(k) and value_ok(v)):
+                raise DataFormatError(f"{path}: {what} pickle entry {k!r}: {v!r} is not {rule}")
+    for k, v in [*id2class.items(), *((v, k) for k, v in class2name.items())]:
+        if not 0 <= v < 2**31:
+            raise DataFormatError(f"{path}: class {v} of {k!r} is outside 0..2^31-1")
+    return id2class, class2name
 
 
 def preprocess_recipe1m(
@@ -164,7 +198,7 @@ def preprocess_recipe1m(
     report = _Report()
     removed: set[str] = set()
     if remove_ids_file:
-        removed = set(Path(remove_ids_file).read_text().split())
+        removed = set(read_id_list(remove_ids_file))
     id2class: dict[str, int] = {}
     class_names: dict[int, str] = {}
     if classes_file and Path(classes_file).is_file():
@@ -197,11 +231,11 @@ def preprocess_recipe1m(
             if progress and n and n % 100_000 == 0:
                 progress(f"{n} recipes read, {sum(kept.values())} kept")
             try:
-                rid, title, part = rec["id"], rec.get("title") or "", rec["partition"]
-                steps = [x["text"] for x in rec["instructions"]]
+                rid, title, part = rec["id"], _str(rec.get("title") or ""), rec["partition"]
+                steps = [_str(x["text"]) for x in rec["instructions"]]
                 if part not in SPLITS or not isinstance(rid, str) or not rid:
                     raise TypeError
-            except (KeyError, TypeError):
+            except (KeyError, TypeError, IndexError, AttributeError):
                 report.add("malformed_layer1", f"{files['layer1'].name}[{n}]")
                 continue
             if rid in seen:
@@ -276,6 +310,14 @@ def preprocess_recipe1m(
         Path(corpus_file).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(cache_dir / "tokenized_text.txt", corpus_file)
     return meta
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Whitespace-separated ids of a text file such as ``remove1M.txt``."""
+    try:
+        return Path(path).read_text(encoding="utf-8").split()
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
 
 
 def _drop_reason(rid, sents, good, max_instructions, max_ingredients, removed) -> str | None:

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from jointgen.utils.checks import DataFormatError
+
 CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")
 PAD, UNK = 0, 1
@@ -164,7 +166,15 @@ class Recipe1MCache:
                 f"Recipe1M cache not found: {meta} is missing (run `jointgen-preprocess "
                 "data=recipe1m` to build it)"
             )
-        self.meta = json.loads(meta.read_text())
+        try:
+            self.meta = json.loads(meta.read_text(encoding="utf-8"))
+            if not isinstance(self.meta, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise DataFormatError(
+                f"{meta}: unreadable ({e}); rebuild the cache with `jointgen-preprocess "
+                "data=recipe1m overwrite=true`"
+            ) from None
         if self.meta.get("version") != CACHE_VERSION:
             raise ValueError(
                 f"{meta}: cache version {self.meta.get('version')} != {CACHE_VERSION}; "

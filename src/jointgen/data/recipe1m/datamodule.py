@@ -44,6 +44,7 @@ from jointgen.data.recipe1m import pipeline
 from jointgen.data.recipe1m.cache import SPLITS, UNK, Recipe1MCache
 from jointgen.data.recipe1m.dataset import Recipe1MDataset, collate_recipes
 from jointgen.data.word2vec import load_vectors, word_index
+from jointgen.utils.checks import DataFormatError
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,11 @@ class Recipe1MDataModule(pl.LightningDataModule):
         self._words, _ = load_vectors(self.word_vectors_path)
         index = word_index(self._words)
         internal = self.cache.words()
+        if len(internal) + 2 != self.cache.meta.get("num_words"):  # ids would index past it
+            raise DataFormatError(
+                f"{self.cache_dir / 'words.txt'}: {len(internal)} words but meta.json says "
+                f"{self.cache.meta.get('num_words')} - 2; rebuild the cache"
+            )
         self._remap = np.array([0, UNK] + [index.get(w, UNK) for w in internal], dtype=np.int64)
 
     @property

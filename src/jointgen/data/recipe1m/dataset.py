@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from jointgen.data.images.common import IMAGE_ERRORS
+from jointgen.data.images.common import IMAGE_ERRORS, convert_image
 from jointgen.data.recipe1m.build import image_file
 from jointgen.data.recipe1m.cache import SPLITS, Ragged, Recipe1MCache
 
@@ -94,7 +94,7 @@ class Recipe1MDataset(Dataset):
             path = image_file(self.image_dir, part, names[k], self.partition_folder)
             try:
                 with Image.open(path) as f:
-                    img = f.convert("RGB")
+                    img = convert_image(f, "RGB")
             except IMAGE_ERRORS as e:
                 self.missing_images += 1
                 if self.missing_images & (self.missing_images - 1) == 0:  # 1, 2, 4, 8...

@@ -9,13 +9,14 @@ and character offset.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jointgen.utils.checks import ConfigError
+from jointgen.utils.checks import DataFormatError
 
 _WS = re.compile(r"[ \t\n\r]*")
 # the longest single element accepted before the input is declared malformed
@@ -24,10 +25,11 @@ MAX_ELEMENT_CHARS = 1 << 28
 _TAIL = 16
 
 
-class JSONFormatError(ConfigError):
+class JSONFormatError(DataFormatError):
     """Malformed JSON; the message names the file, line, column and character offset.
 
-    A :class:`ConfigError` so that the console scripts print it as one line.
+    A :class:`DataFormatError` (a ``ConfigError``) so that the console scripts print it as one
+    line.
     """
 
     def __init__(self, path: str | Path, msg: str, offset: int, line: int, column: int) -> None:
@@ -38,10 +40,16 @@ class JSONFormatError(ConfigError):
 
 
 class _Chunks:
-    """A text buffer over a file that remembers how many characters and lines it dropped."""
+    """A text buffer over a binary file that remembers how many characters and lines it dropped.
 
-    def __init__(self, f: Any, chunk_size: int) -> None:
-        self.f, self.chunk_size = f, chunk_size
+    The bytes are decoded here (not by a text-mode file) so that invalid UTF-8 is reported with
+    its position like any other malformed input.
+    """
+
+    def __init__(self, f: Any, chunk_size: int, path: Path) -> None:
+        self.f, self.chunk_size, self.path = f, chunk_size, path
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.bytes_read, self.started = 0, False
         self.buf, self.pos = "", 0
         self.dropped_chars, self.dropped_lines = 0, 0
         self.dropped_line_start = 0  # absolute offset where the last dropped line began
@@ -57,11 +65,30 @@ class _Chunks:
             self.dropped_lines += newlines
             self.dropped_line_start = self.dropped_chars + head.rfind("\n") + 1
         self.dropped_chars += len(head)
-        chunk = self.f.read(self.chunk_size)
-        self.buf, self.pos = self.buf[self.pos :] + chunk, 0
-        if not chunk:
+        self.buf, self.pos = self.buf[self.pos :], 0
+        raw = self.f.read(self.chunk_size)
+        chunk = self._decode(raw)
+        if not self.started and chunk:
+            self.started = True
+            if chunk.startswith("\ufeff"):  # tolerate a byte-order mark
+                chunk = chunk[1:]
+        self.bytes_read += len(raw)
+        self.buf += chunk
+        if not raw:
             self.eof = True
-        return bool(chunk)
+        return bool(raw)
+
+    def _decode(self, raw: bytes) -> str:
+        pending = self.decoder.getstate()[0]  # bytes of a character cut by the last chunk
+        try:
+            return self.decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as e:
+            # e.start indexes pending + raw; decode the valid part to locate the error
+            data = pending + raw
+            self.buf += data[: e.start].decode("utf-8", errors="replace")
+            byte = self.bytes_read - len(pending) + e.start
+            msg = f"invalid UTF-8 (byte 0x{data[e.start]:02x} at byte offset {byte})"
+            raise self.error(self.path, msg, len(self.buf)) from None
 
     def skip_ws(self) -> str:
         """Skip whitespace, reading on as needed; the next character or '' at end of file."""
@@ -93,8 +120,8 @@ def iter_json_array(path: str | Path, chunk_size: int = 1 << 20) -> Iterator[Any
     """
     path = Path(path)
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8-sig") as f:  # tolerate a byte-order mark
-        s = _Chunks(f, chunk_size)
+    with open(path, "rb") as f:
+        s = _Chunks(f, chunk_size, path)
         if s.skip_ws() != "[":
             raise s.error(path, "expected '[' (the file must hold one JSON array)", s.pos)
         s.pos += 1

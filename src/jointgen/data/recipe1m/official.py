@@ -35,10 +35,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from jointgen.data.images.common import IMAGE_ERRORS
+from jointgen.data.images.common import IMAGE_ERRORS, convert_image
 from jointgen.data.recipe1m.build import image_file
 from jointgen.data.recipe1m.dataset import image_transform
 from jointgen.data.recipe1m.pickles import load_feature_pickle, restricted_loads
+from jointgen.utils.checks import DataFormatError
 
 FEATURE_DIM = 300
 
@@ -54,13 +55,39 @@ def _require_lmdb():
     return lmdb
 
 
-def _vec(table: Mapping | None, key: str, index: int | None = None) -> torch.Tensor:
+def _vec(
+    table: Mapping | None, key: str, index: int | None = None, source: str = ""
+) -> torch.Tensor:
+    """Row ``key`` (image ``index`` of it) of a feature table: exactly 300 finite floats."""
     if table is None or key not in table:
         return torch.zeros(FEATURE_DIM)
-    v = table[key]
-    if index is not None:
-        v = v[min(index, len(v) - 1)] if len(v) else np.zeros(FEATURE_DIM)
-    return torch.as_tensor(np.asarray(v, dtype=np.float32)).reshape(-1)
+    try:
+        v = table[key]
+        if index is not None:
+            v = v[min(index, len(v) - 1)] if len(v) else np.zeros(FEATURE_DIM)
+        v = np.asarray(v, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError, IndexError, KeyError):
+        v = None
+    if v is None or v.shape != (FEATURE_DIM,) or not np.isfinite(v).all():
+        what = (
+            "no array"
+            if v is None
+            else f"{v.size} values" + ("" if np.isfinite(v).all() else " (non-finite)")
+        )
+        raise DataFormatError(
+            f"{source or 'feature table'}: entry {key!r} has {what}, expected {FEATURE_DIM} floats"
+        )
+    return torch.from_numpy(v)
+
+
+def _int_array(x: Any) -> np.ndarray:
+    """A 1-D int64 array from a list/array of integers; ``TypeError`` for anything else."""
+    a = np.asarray(x).reshape(-1)
+    if a.size == 0:
+        return a.astype(np.int64)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"expected integers, got {a.dtype}")
+    return a.astype(np.int64)
 
 
 class OfficialRecipe1MDataset(Dataset):
@@ -79,6 +106,8 @@ class OfficialRecipe1MDataset(Dataset):
         resize: Shorter side before cropping.
         max_images: Train images are drawn among the first ``max_images``.
         max_sentences: Most instruction vectors kept.
+        num_classes: Categories must lie in ``0..num_classes-1`` (unchecked when None).
+        sources: File of each table (``term``, ``img_cls``, ``classes``) for error messages.
     """
 
     def __init__(
@@ -95,8 +124,11 @@ class OfficialRecipe1MDataset(Dataset):
         resize: int,
         max_images: int,
         max_sentences: int,
+        num_classes: int | None = None,
+        sources: Mapping[str, str | None] | None = None,
     ) -> None:
         self.lmdb_path, self.keys = str(lmdb_path), list(keys)
+        self.num_classes, self.sources = num_classes, dict(sources or {})
         self.image_dir, self.partition = Path(image_dir), partition
         self.partition_folder = image_partition_folder
         self.term_vectors, self.image_class_vectors = term_vectors, image_class_vectors
@@ -132,42 +164,65 @@ class OfficialRecipe1MDataset(Dataset):
 
     def record(self, key: str) -> dict:
         """The decoded LMDB value of ``key`` (a dict with intrs, ingrs, classes, imgs)."""
-        rec = restricted_loads(self._raw(key), source=f"{self.lmdb_path}[{key}]")
+        source = f"{self.lmdb_path}[{key}]"
+        rec = restricted_loads(self._raw(key), source=source)
+        if not isinstance(rec, dict):
+            raise DataFormatError(f"{source}: record is a {type(rec).__name__}, not a dict")
         return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in rec.items()}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         key = self.keys[index]
         rec = self.record(key)
-        imgs = list(rec.get("imgs", []))[: self.max_images]
+        source = f"{self.lmdb_path}[{key}]"
+        try:
+            imgs = list(rec.get("imgs", []))[: self.max_images]
+            intrs = np.asarray(rec["intrs"], dtype=np.float32).reshape(-1, 1024)
+            ingrs = _int_array(rec.get("ingrs", []))
+            lmdb_class = int(_int_array(rec.get("classes", 1))[0])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise DataFormatError(
+                f"{source}: malformed record ({type(e).__name__}: {e})"
+            ) from None
+        if not np.isfinite(intrs).all():
+            raise DataFormatError(f"{source}: 'intrs' holds non-finite values")
+        intrs = intrs[: self.max_sentences]
         k = int(torch.randint(len(imgs), ())) if self.train and imgs else 0
-        intrs = np.asarray(rec["intrs"], dtype=np.float32).reshape(-1, 1024)[: self.max_sentences]
         if len(intrs) == 0:  # pack_padded_sequence rejects length 0 (spec §8.8)
             intrs = np.zeros((1, 1024), dtype=np.float32)
-        ingrs = np.asarray(rec.get("ingrs", []), dtype=np.int64)
         ingrs = ingrs[ingrs > 1]  # drop padding (0) and the end token (1)
         if self.classes is not None and key in self.classes:
-            category = int(self.classes[key])
+            category, source = self.classes[key], self.sources.get("classes") or "classes table"
         else:
-            category = max(0, int(rec.get("classes", 1)) - 1)
+            category = lmdb_class - 1
+            category = max(0, category)
+        high = self.num_classes if self.num_classes is not None else 2**31
+        if isinstance(category, bool) or not isinstance(category, (int, np.integer)):
+            raise DataFormatError(f"{source}: class of {key!r} is {category!r}, not an integer")
+        if not 0 <= category < high:
+            raise DataFormatError(f"{source}: class {category} of {key!r} outside 0..{high - 1}")
         return {
             "image": self._image(imgs[k] if imgs else None),
-            "sentence_vectors": torch.from_numpy(intrs),
+            "sentence_vectors": torch.from_numpy(np.ascontiguousarray(intrs)),
             "ingredients": torch.from_numpy(ingrs),
-            "f_term": _vec(self.term_vectors, key),
-            "f_cat": _vec(self.image_class_vectors, key, k),
-            "category": category,
+            "f_term": _vec(self.term_vectors, key, source=self.sources.get("term") or ""),
+            "f_cat": _vec(
+                self.image_class_vectors, key, k, source=self.sources.get("img_cls") or ""
+            ),
+            "category": int(category),
             "id": key,
         }
 
     def _image(self, entry: Mapping | None) -> torch.Tensor:
         img = None
         if entry is not None:
-            name = entry["id"] if isinstance(entry, Mapping) else entry
+            name = entry.get("id", entry.get(b"id")) if isinstance(entry, Mapping) else entry
             name = name.decode("latin1") if isinstance(name, bytes) else name
+            if not isinstance(name, str) or len(name) < 5:  # a malformed entry: no image
+                name = "????/invalid"
             path = image_file(self.image_dir, self.partition, name, self.partition_folder)
             try:
                 with Image.open(path) as f:
-                    img = f.convert("RGB")
+                    img = convert_image(f, "RGB")
             except IMAGE_ERRORS:
                 self.missing_images += 1
         if img is None:
@@ -199,7 +254,9 @@ def collate_official(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _load_keys(path: Path) -> list[str]:
     keys = load_feature_pickle(path)
-    return [k.decode("latin1") if isinstance(k, bytes) else str(k) for k in keys]
+    if not isinstance(keys, (list, tuple)) or not all(isinstance(k, (str, bytes)) for k in keys):
+        raise DataFormatError(f"{path}: expected a list of recipe ids (strings)")
+    return [k.decode("latin1") if isinstance(k, bytes) else k for k in keys]
 
 
 class OfficialRecipe1MDataModule(pl.LightningDataModule):
@@ -275,6 +332,12 @@ class OfficialRecipe1MDataModule(pl.LightningDataModule):
             self._tables = {
                 k: load_feature_pickle(f) if f else None for k, f in self.files.items()
             }
+            for k, table in self._tables.items():
+                if table is not None and not isinstance(table, dict):
+                    raise DataFormatError(
+                        f"{self.files[k]}: expected a dict {{recipe id: value}}, "
+                        f"found {type(table).__name__}"
+                    )
         return self._tables
 
     def dataset(self, split: str) -> OfficialRecipe1MDataset:
@@ -289,6 +352,8 @@ class OfficialRecipe1MDataModule(pl.LightningDataModule):
                 term_vectors=t["term"],
                 image_class_vectors=t["img_cls"],
                 classes=t["classes"],
+                num_classes=self.num_classes,
+                sources=self.files,
                 **self.kw,
             )
         return self.datasets[split]

@@ -10,16 +10,18 @@ arrays only, so a tampered file cannot run code.
 from __future__ import annotations
 
 import io
-import pickle
 from pathlib import Path
 from typing import Any
 
-from jointgen.data.images.common import RestrictedUnpickler
-from jointgen.utils.checks import ConfigError
+from jointgen.data.images.common import PickleFormatError, RestrictedUnpickler, pickle_error
 
-
-class PickleFormatError(ConfigError, pickle.UnpicklingError):
-    """A pickle that is truncated or refers to a forbidden global (names the file)."""
+__all__ = [
+    "PickleFormatError",
+    "RecipeUnpickler",
+    "load_feature_pickle",
+    "restricted_load_all",
+    "restricted_loads",
+]
 
 
 class RecipeUnpickler(RestrictedUnpickler):
@@ -39,10 +41,9 @@ def restricted_loads(data: bytes, source: str, encoding: str = "latin1") -> Any:
     """Unpickle ``data`` (e.g. an LMDB value) through the restricted unpickler."""
     try:
         return RecipeUnpickler(io.BytesIO(data), source=source, encoding=encoding).load()
-    except pickle.UnpicklingError as e:
-        raise PickleFormatError(str(e)) from None
-    except (EOFError, IndexError, ValueError) as e:
-        raise PickleFormatError(f"{source}: not a readable pickle ({e!r})") from None
+    # a damaged pickle fails in many ways; no foreign code runs here (see RestrictedUnpickler)
+    except Exception as e:  # noqa: BLE001
+        raise pickle_error(source, e) from None
 
 
 def restricted_load_all(path: str | Path, count: int = 1, encoding: str = "latin1") -> list[Any]:
@@ -65,11 +66,8 @@ def restricted_load_all(path: str | Path, count: int = 1, encoding: str = "latin
                 raise PickleFormatError(
                     f"{path}: holds {k} pickle(s), expected {count} (truncated?)"
                 ) from None
-            except pickle.UnpicklingError as e:
-                msg = str(e) if str(path) in str(e) else f"{path}: {e}"
-                raise PickleFormatError(msg) from None
-            except (IndexError, ValueError) as e:
-                raise PickleFormatError(f"{path}: not a readable pickle ({e!r})") from None
+            except Exception as e:  # noqa: BLE001 - as in restricted_loads
+                raise pickle_error(path, e) from None
     return out
 
 
