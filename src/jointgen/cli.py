@@ -25,6 +25,13 @@ def _user_error(e: BaseException) -> str | None:
     return None
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def guarded(task):
     """Wrap a task so user errors become a single ``error: ...`` line and exit code 2."""
 
@@ -37,6 +44,8 @@ def guarded(task):
             if msg is None:
                 raise
             print(f"error: {msg}", file=sys.stderr)
+            if _in_multirun():
+                raise  # Hydra records the job as failed; the sweeper decides (max_failure_rate)
             sys.exit(2)
 
     return wrapper

@@ -24,6 +24,7 @@ from jointgen.utils.checks import check_config, check_model_data
 from jointgen.utils.instantiate import instantiate_nodes
 from jointgen.utils.resume import auto_resume_argv, resolve_resume
 from jointgen.utils.runtime import ConfigInCheckpoint, build_trainer, finish_loggers, print_config
+from jointgen.utils.sweeps import sqlite_url  # noqa: F401 - registers ${sqlite:...} for sweeps
 
 log = logging.getLogger(__name__)
 

@@ -101,6 +101,9 @@ def check_config(cfg: DictConfig, root: str = "train") -> None:
     """
     check_top_level_keys(cfg, root)
     check_hardware(cfg)
+    from jointgen.utils.sweeps import check_hydra_launcher  # imports this module
+
+    check_hydra_launcher(cfg)  # hydra/launcher=submitit_slurm vs trainer nodes and devices
     _check_trainer(cfg.trainer)
     _check_data(cfg.get("data"))
     if not isinstance(cfg.get("seed"), int):
