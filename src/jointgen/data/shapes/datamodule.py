@@ -8,6 +8,7 @@ PAD (tokens); its mask is False. Only the training split has missing modalities.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,6 +20,9 @@ from jointgen.data.shapes.attributes import MAX_COLOURS, POSITION_GRIDS, Attribu
 from jointgen.data.shapes.generate import load_npz, prepare_shapes
 from jointgen.data.shapes.grammar import max_caption_words
 from jointgen.data.shapes.vocab import PAD, Vocabulary
+from jointgen.utils.checks import DataFormatError
+
+log = logging.getLogger(__name__)
 
 _MISSING_STREAM = 200
 
@@ -184,17 +188,65 @@ class ShapesDataModule(pl.LightningDataModule):
         if self.datasets:
             return
         self.paths = self._prepare()
-        vocab = Vocabulary.load(self.paths["vocab"])
-        if vocab != self._vocab:
-            raise ValueError(f"{self.paths['vocab']} does not match the grammar's vocabulary")
+        self._load_or_regenerate(self.paths["vocab"], self._check_vocab)
         masks = missing_masks(
             self.hparams.num_train, self.hparams.missing_fraction, self.hparams.seed
         )
         for split, path in self.paths.items():
             if split == "vocab":
                 continue
-            arrays = load_npz(path)
+            arrays = self._load_or_regenerate(path, self._load_split)
             self.datasets[split] = ShapesDataset(arrays, *(masks if split == "train" else ()))
+
+    def _load_or_regenerate(self, path: Path, load):
+        """``load(path)``; a damaged cache file is logged, deleted and generated again (the
+        data are a deterministic function of the config, so nothing is lost)."""
+        try:
+            return load(path)
+        except DataFormatError as e:
+            log.warning("%s; generating it again", e)
+            path.unlink(missing_ok=True)
+            self._prepare()
+            return load(path)
+
+    def _check_vocab(self, path: Path) -> None:
+        if load_vocab(path) != self._vocab:
+            raise DataFormatError(f"{path} does not match the grammar's vocabulary")
+
+    def _load_split(self, path: Path) -> dict[str, np.ndarray]:
+        """A cached split, checked so that no malformed sample can come out of it."""
+        arrays = load_npz(path)
+        h, n_attrs = self.hparams, len(self.space.attr_names)
+        size, length = h.image_size, h.max_caption_len
+
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise DataFormatError(f"{path}: {what}")
+
+        for key in ("images", "tokens", "attrs", "captions"):
+            need(key in arrays, f"no '{key}' array")
+        images, tokens, attrs = arrays["images"], arrays["tokens"], arrays["attrs"]
+        n = len(images)
+        need(
+            images.dtype == np.uint8 and images.shape[1:] == (size, size, 3),
+            f"images are {images.dtype} {images.shape}, expected uint8 N x {size} x {size} x 3",
+        )
+        need(
+            tokens.dtype == np.int64 and tokens.shape == (n, length),
+            f"tokens are {tokens.dtype} {tokens.shape}, expected int64 {n} x {length}",
+        )
+        need(
+            tokens.size == 0 or 0 <= tokens.min() and tokens.max() < len(self._vocab),
+            f"token ids outside 0..{len(self._vocab) - 1}",
+        )
+        need(
+            attrs.dtype.kind == "i" and attrs.shape == (n, n_attrs),
+            f"attrs are {attrs.dtype} {attrs.shape}, expected integers {n} x {n_attrs}",
+        )
+        high = np.asarray(self.space.cardinalities)
+        need(attrs.size == 0 or ((attrs >= 0) & (attrs < high)).all(), "attribute out of range")
+        need(len(arrays["captions"]) == n, f"{len(arrays['captions'])} captions for {n} images")
+        return arrays
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if not self.datasets:
@@ -224,6 +276,18 @@ class ShapesDataModule(pl.LightningDataModule):
         if self.hparams.heldout_fraction == 0:
             raise ValueError("data.heldout_fraction is 0.0, so there is no test_heldout split")
         return self._loader("test_heldout")
+
+
+def load_vocab(path: Path) -> Vocabulary:
+    """:meth:`Vocabulary.load` with a damaged file reported as a :class:`DataFormatError`."""
+    try:
+        return Vocabulary.load(path)
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, missing keys, wrong types
+        raise DataFormatError(
+            f"{path}: damaged vocabulary file ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _validate(h) -> None:

@@ -36,6 +36,7 @@ from jointgen.data.shapes.render import (
     sample_nuisances,
 )
 from jointgen.data.shapes.vocab import Vocabulary
+from jointgen.utils.checks import DataFormatError
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +246,19 @@ def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a split written by ``save_npz`` fully into memory."""
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    """Read a split written by ``save_npz`` fully into memory.
+
+    Raises:
+        DataFormatError: the file is damaged (names it).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise
+    # a damaged zip fails with BadZipFile, zlib.error, EOFError, ValueError, ...
+    except Exception as e:  # noqa: BLE001
+        raise DataFormatError(f"{path}: damaged cache file ({type(e).__name__}: {e})") from None
 
 
 def cache_paths(data_dir: str | os.PathLike, **params) -> dict[str, Path]:
