@@ -24,7 +24,8 @@ from jointgen.utils.checks import check_config, check_model_data
 from jointgen.utils.instantiate import instantiate_nodes
 from jointgen.utils.resume import auto_resume_argv, resolve_resume
 from jointgen.utils.runtime import ConfigInCheckpoint, build_trainer, finish_loggers, print_config
-from jointgen.utils.sweeps import sqlite_url  # noqa: F401 - registers ${sqlite:...} for sweeps
+from jointgen.utils.secrets import redact
+from jointgen.utils.sweeps import finished_job_result  # also registers ${sqlite:...}
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def run_train(cfg: DictConfig) -> float | None:
     out_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         print_config(cfg)
-    hparams = OmegaConf.to_container(cfg, resolve=True)
+    hparams = redact(OmegaConf.to_container(cfg, resolve=True))  # no API keys in logger files
     hparams["model/params"] = sum(p.numel() for p in model.parameters())
     for lg in trainer.loggers:
         lg.log_hyperparams(hparams)
@@ -113,7 +114,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from jointgen.utils.ddp import install_hydra_ddp_launcher
 
     install_hydra_ddp_launcher("jointgen.train")
-    return guarded(run_train)(cfg)
+    done, value = guarded(finished_job_result)(cfg)  # resume=auto: skip finished sweep jobs
+    return value if done else guarded(run_train)(cfg)
 
 
 def main() -> None:

@@ -51,6 +51,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (``s3://`` and the like) fall back to Lightning's writer.
     """
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        """Always ``weights_only=True`` (Lightning passes None, which it turns into False for
+        URLs): a checkpoint from elsewhere cannot run code when a run resumes or tests."""
+        if weights_only is False:
+            raise ConfigError(f"refusing to load {path} with weights_only=False")
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        return super().load_checkpoint(path, weights_only=True, **kwargs)
+
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)

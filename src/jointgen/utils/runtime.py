@@ -10,6 +10,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from jointgen.utils.secrets import redact
+
 log = logging.getLogger(__name__)
 
 
@@ -41,10 +43,11 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> pl.Trainer
 
 class ConfigInCheckpoint(pl.Callback):
     """Stores the resolved config (primitives only) in every checkpoint, so `jointgen-eval` and
-    `jointgen-sample` can rebuild the network and the checkpoint loads with weights_only=True."""
+    `jointgen-sample` can rebuild the network and the checkpoint loads with weights_only=True.
+    Secret-looking values are redacted (:func:`jointgen.utils.secrets.redact`)."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.config = redact(OmegaConf.to_container(cfg, resolve=True))
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["jointgen_config"] = self.config
@@ -52,8 +55,8 @@ class ConfigInCheckpoint(pl.Callback):
 
 @rank_zero_only
 def print_config(cfg: DictConfig) -> None:
-    """Print the resolved config tree (rich when available)."""
-    text = OmegaConf.to_yaml(cfg, resolve=True)
+    """Print the resolved config tree (rich when available), secrets redacted."""
+    text = OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))))
     try:
         from rich.console import Console
         from rich.syntax import Syntax
