@@ -24,6 +24,7 @@ from jointgen.data.images.common import (
     missing_data_error,
     scan_images,
 )
+from jointgen.utils.checks import DataFormatError
 
 FOLDER = "celeba"
 IMAGES = "img_align_celeba"
@@ -50,12 +51,16 @@ def load_celeba64(path: str) -> Image.Image:
 def read_partition(path: Path) -> dict[int, list[str]]:
     """File names per split id from ``list_eval_partition.txt`` (``000001.jpg 0`` per line)."""
     splits: dict[int, list[str]] = {0: [], 1: [], 2: []}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
-            raise ValueError(f"{path}:{number}: expected '<file>.jpg <0|1|2>', got {line!r}")
+            raise DataFormatError(f"{path}:{number}: expected '<file>.jpg <0|1|2>', got {line!r}")
         splits[int(parts[1])].append(parts[0])
     return splits
 

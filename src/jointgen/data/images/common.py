@@ -327,7 +327,10 @@ class FileSource:
                         err,
                         len(self._failed),
                     )
-        raise RuntimeError(f"{min(n, self.max_attempts)} images in a row failed to decode")
+        raise DataFormatError(
+            f"{min(n, self.max_attempts)} images in a row failed to decode, "
+            f"from {self.paths[index]}"
+        )
 
 
 class DictImageDataset(Dataset):

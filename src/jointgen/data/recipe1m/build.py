@@ -288,7 +288,8 @@ def preprocess_recipe1m(
         "num_recipes": sum(kept.values()),
         "splits": {s: kept[s] for s in SPLITS},
         "num_words": len(words) + 2,
-        "num_classes": max([0, *class_names]) + 1,
+        # a class used by id2class but missing from the names still needs an output
+        "num_classes": int(max([0, *class_names, *id2class.values()])) + 1,
         "class_names": {str(k): v for k, v in sorted(class_names.items())},
         "classes_file": str(classes_file) if class_names else None,
         "recipes_read": len(seen),
