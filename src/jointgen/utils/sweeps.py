@@ -11,11 +11,15 @@ ranks and SLURM's tasks disagree and the job hangs or dies long after it was que
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from jointgen.utils.checks import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def sqlite_url(path: str) -> str:
@@ -67,3 +71,50 @@ def check_hydra_launcher(cfg: DictConfig) -> None:
 
     if HydraConfig.initialized():
         check_launcher(cfg.trainer, HydraConfig.get().get("launcher"))
+
+
+# --- resuming a multirun -----------------------------------------------------------------
+
+
+def _sweeper_target() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    return str(HydraConfig.get().get("sweeper", {}).get("_target_", ""))
+
+
+def finished_job_result(cfg: DictConfig) -> tuple[bool, float | None]:
+    """``(True, recorded optimized_metric)`` when this multirun job already finished.
+
+    ``jointgen-train -m ... resume=auto hydra.sweep.dir=<old sweep>`` reruns every job in its
+    old folder: unfinished ones continue from their newest checkpoint, finished ones (with a
+    ``metrics.json``) return what they recorded instead of training again. Optuna sweeps are
+    resumed through their sqlite storage instead: a trial's folder number says nothing about
+    its parameters, so ``resume=auto`` is refused there.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.get("resume") != "auto" or not HydraConfig.initialized():
+        return False, None
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False, None
+    if "OptunaSweeper" in _sweeper_target():
+        raise ConfigError(
+            "resume=auto does not apply to Optuna sweeps (trial folders are not tied to "
+            "parameters); relaunch with the same sqlite hydra.sweeper.storage and study_name"
+        )
+    summary = Path(cfg.paths.output_dir) / "metrics.json"
+    if not summary.is_file():
+        return False, None
+    metrics = json.loads(summary.read_text()).get("metrics", {})
+    name = cfg.get("optimized_metric")
+    value = metrics.get(name) if name else None
+    log.info(
+        "resume=auto: %s already finished; returning its recorded %s=%s",
+        summary.parent,
+        name,
+        value,
+    )
+    return True, value
