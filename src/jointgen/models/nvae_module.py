@@ -101,6 +101,9 @@ class NVAELitModule(SeededEvaluation, LightningModule):
         self._kl_channel_sum: list[torch.Tensor] | None = None
         self._kl_group_sum: torch.Tensor | None = None
         self._n_val = 0
+        # mean KL per group and per latent channel of the last validation epoch, read by
+        # jointgen.callbacks.wandb_media.NVAEMedia
+        self.val_kl_stats: dict | None = None
 
     # --- schedule helpers ----------------------------------------------------------------
 
@@ -258,6 +261,10 @@ class NVAELitModule(SeededEvaluation, LightningModule):
             self.log("val/active_units", float(active))
             for i, v in enumerate(self._kl_group_sum / self._n_val):
                 self.log(f"val/kl_group/{i:02d}", v)
+            self.val_kl_stats = {
+                "kl_group": (self._kl_group_sum / self._n_val).cpu(),
+                "kl_channel": [k.cpu() for k in per_ch],
+            }
         self._kl_channel_sum, self._kl_group_sum, self._n_val = None, None, 0
 
     @torch.no_grad()

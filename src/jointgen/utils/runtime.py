@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import lightning.pytorch as pl
 import torch
@@ -55,21 +56,41 @@ class ConfigInCheckpoint(pl.Callback):
 
 @rank_zero_only
 def print_config(cfg: DictConfig) -> None:
-    """Print the resolved config tree (rich when available), secrets redacted."""
-    text = OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True))))
-    try:
-        from rich.console import Console
-        from rich.syntax import Syntax
+    """Print the resolved config as a rich tree, secrets redacted: one branch per top-level
+    node (data, model, trainer, callbacks...), its YAML highlighted; the scalars (task_name,
+    seed, tags...) first. Plain text when stdout is not a terminal."""
+    from rich.console import Console
+    from rich.syntax import Syntax
+    from rich.tree import Tree
 
-        Console().print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
-    except ImportError:  # pragma: no cover - rich is a dependency
-        print(text)
+    def yaml(node) -> Syntax:
+        text = OmegaConf.to_yaml(OmegaConf.create(node)).rstrip()
+        return Syntax(text, "yaml", theme="ansi_dark", background_color="default")
+
+    resolved = redact(OmegaConf.to_container(cfg, resolve=True))
+    groups = {k: v for k, v in resolved.items() if isinstance(v, dict) and v}
+    scalars = {k: v for k, v in resolved.items() if k not in groups}
+    tree = Tree("config", style="bold", guide_style="dim")
+    if scalars:
+        tree.add("run", style="bold cyan").add(yaml(scalars))
+    for key, node in groups.items():
+        tree.add(str(key), style="bold cyan").add(yaml(node))
+    Console().print(tree)
 
 
-def finish_loggers(loggers: list) -> None:
-    """End wandb runs so consecutive multirun jobs do not log into one run."""
+def finish_loggers(loggers: list, failed: bool | None = None) -> None:
+    """End wandb runs so consecutive multirun jobs do not log into one run (wandb #1314).
+
+    Call it from a ``finally`` block: ``failed=None`` reads the exception being propagated, so
+    a crashed job shows as failed in wandb (exit code 1) instead of finished. Only rank zero
+    holds a wandb run (Lightning gives other ranks a dummy experiment); elsewhere this is a
+    no-op.
+    """
+    if failed is None:
+        failed = sys.exc_info()[0] is not None
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":
             import wandb
 
-            wandb.finish()
+            if wandb.run is not None:
+                wandb.finish(exit_code=1 if failed else 0)
