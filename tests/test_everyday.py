@@ -123,3 +123,15 @@ def test_config_tree_printed_at_start(tmp_path, capsys):
     for branch in ("├── run", "├── trainer", "├── model", "├── callbacks", "└── "):
         assert branch in out, branch
     assert "_target_: jointgen.models.nvae_module.NVAELitModule" in out
+
+
+def test_word2vec_progress_ticks_per_epoch(tmp_path, capsys, monkeypatch):
+    from jointgen.data.word2vec import load_vectors, train_word2vec
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("add the salt and stir\nstir the soup and serve\n" * 20)
+    monkeypatch.setenv("JOINTGEN_PROGRESS", "1")
+    train_word2vec(corpus, tmp_path / "v.bin", epochs=2, vector_size=4, min_count=1, workers=1)
+    out = capsys.readouterr().out
+    assert "word2vec corpus.txt" in out and "2/2" in out  # one tick per epoch
+    assert len(load_vectors(tmp_path / "v.bin")[0]) == 8  # </s> and the seven words

@@ -27,7 +27,8 @@ from jointgen.generate import is_joint_config
 from jointgen.utils.checkpoint import model_from_checkpoint
 from jointgen.utils.checks import ConfigError, check_hardware, check_model_data
 from jointgen.utils.instantiate import instantiate_nodes
-from jointgen.utils.runtime import build_trainer, finish_loggers
+from jointgen.utils.progress import progress_bar
+from jointgen.utils.runtime import build_trainer, finish_loggers, print_outputs
 
 
 def run_eval(cfg: DictConfig) -> dict:
@@ -54,7 +55,8 @@ def eval_nll(cfg: DictConfig, model, datamodule) -> dict:
         raise ConfigError(f"num_iw_samples must be >= 1, got {cfg.num_iw_samples}")
     model.hparams.num_iw_samples_test = int(cfg.num_iw_samples)
     loggers = instantiate_nodes(cfg.get("logger"), "logger")
-    trainer = build_trainer(cfg, [], loggers)
+    bars = [progress_bar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    trainer = build_trainer(cfg, bars, loggers)
     try:
         if cfg.split == "val":
             datamodule.setup("validate")
@@ -74,8 +76,7 @@ def eval_nll(cfg: DictConfig, model, datamodule) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     if trainer.is_global_zero:
-        print(json.dumps(results, indent=2))
-        print(f"results written to {out / 'metrics.json'}")
+        print_outputs({"metrics": out / "metrics.json"}, results["metrics"], "Evaluation finished")
     return results
 
 
@@ -123,10 +124,10 @@ def eval_joint(cfg: DictConfig, model, datamodule) -> dict:
         lg.save()
     finish_loggers(loggers)
     shown = ("coherence", "captions/", "likelihood/", "fd/", "classifier/")
-    for k, v in flatten(results).items():
-        if k.startswith(shown) and isinstance(v, float):
-            print(f"  {k:<44} {v:.4f}")
-    print(f"results written to {paths['json']} and {paths['markdown']}")
+    numbers = {k: v for k, v in flatten(results).items() if k.startswith(shown)}
+    numbers = {k: v for k, v in numbers.items() if isinstance(v, float)}
+    files = {"metrics": paths["json"], "report": paths["markdown"]}
+    print_outputs(files, numbers, "Evaluation finished")
     return results
 
 

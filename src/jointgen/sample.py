@@ -28,6 +28,7 @@ from jointgen.generate import MODES, annotate, generate, is_joint_config, render
 from jointgen.utils.checkpoint import model_from_checkpoint
 from jointgen.utils.checks import ConfigError
 from jointgen.utils.images import save_grid
+from jointgen.utils.runtime import print_outputs
 
 
 def _device(cfg: DictConfig) -> str:
@@ -52,9 +53,12 @@ def run_sample(cfg: DictConfig) -> list[Path]:
             raise ConfigError(f"mode={cfg.mode} needs a joint caption-image checkpoint; "
                               "image models draw prior samples (mode=joint)")  # fmt: skip
         written = sample_prior(cfg, model, out_dir)
-    (out_dir / "samples.json").write_text(
+    index = out_dir / "samples.json"
+    index.write_text(
         json.dumps({"checkpoint": str(cfg.ckpt_path), "files": [str(p) for p in written]})
     )
+    files = {p.stem: p for p in written} | {"index": index}
+    print_outputs(files, title="Sampling finished")
     return written
 
 

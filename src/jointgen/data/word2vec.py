@@ -137,21 +137,34 @@ def train_word2vec(
         raise FileNotFoundError(
             f"word2vec corpus not found or empty: {corpus} (run jointgen-preprocess first)"
         )
+    from gensim.models.callbacks import CallbackAny2Vec
+
+    from jointgen.utils.progress import progress
+
+    class _Ticks(CallbackAny2Vec):  # gensim calls it after each pass over the corpus
+        def __init__(self, advance) -> None:
+            self.advance = advance
+
+        def on_epoch_end(self, model) -> None:
+            self.advance(1)
+
     t0 = time.perf_counter()
-    model = Word2Vec(
-        corpus_file=str(corpus),
-        sg=sg,
-        hs=hs,
-        negative=negative,
-        window=window,
-        epochs=epochs,
-        vector_size=vector_size,
-        min_count=min_count,
-        sample=sample,
-        alpha=alpha,
-        workers=workers,
-        seed=seed,
-    )
+    with progress(f"word2vec {corpus.name}", total=epochs) as advance:
+        model = Word2Vec(
+            corpus_file=str(corpus),
+            sg=sg,
+            hs=hs,
+            negative=negative,
+            window=window,
+            epochs=epochs,
+            vector_size=vector_size,
+            min_count=min_count,
+            sample=sample,
+            alpha=alpha,
+            workers=workers,
+            seed=seed,
+            callbacks=[_Ticks(advance)],
+        )
     seconds = time.perf_counter() - t0
     wv = model.wv
     if len(wv.index_to_key) == 0:

@@ -42,6 +42,7 @@ from jointgen.eval.probes import probe_attributes, probe_private
 from jointgen.eval.report import leaderboard_row, write_results
 from jointgen.eval.text_metrics import caption_metrics, token_accuracy
 from jointgen.generate import as_float_images, eval_mode, generate, joint_net
+from jointgen.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,8 @@ def evaluate_joint(
             "image_branch": type(net.branches["img"]).__name__,
         },
     }  # fmt: skip
-    with eval_mode(net):
+    stages = 5 if frechet else 4  # coherence, captions, likelihoods, [FD,] probes
+    with eval_mode(net), progress("joint evaluation", total=stages) as advance:
         coherence, gen = coherence_suite(
             net, data, space, temperature=temperature, num_joint=n, seed=seed, **method_kw
         )
@@ -273,6 +275,7 @@ def evaluate_joint(
                 net, held, space, temperature=temperature, num_joint=0, seed=seed + 10,
                 **method_kw,
             )  # fmt: skip
+        advance()
         with seeded(seed + 20):
             recon = generate(net, "reconstruct", tokens=data["tokens"], images=images,
                              batch_size=batch_size)  # fmt: skip
@@ -281,10 +284,12 @@ def evaluate_joint(
             "reconstruction": caption_metrics(recon["captions"], data["attrs"], space.level, **kw)
             | {"token_accuracy": token_accuracy(recon["tokens"], data["tokens"])},
         }
+        advance()
         with seeded(seed + 30):
             results["likelihood"] = likelihood_metrics(
                 net, images, data["tokens"], K=image_iw_samples, batch_size=batch_size
             )
+        advance()
         if frechet:
             fakes = {
                 "reconstruction": recon["images"],
@@ -294,6 +299,7 @@ def evaluate_joint(
             results["fd"] = {"label": FD_LABEL, "num_real": float(n)}
             for key, fake in fakes.items():
                 results["fd"][key] = frechet_distance(images, fake, classifier)["in_domain_fd"]
+            advance()
         probe_data = take(datamodule.datasets[split], probe_samples)
         codes = encode_means(net, probe_data, batch_size)
         private = names = None
@@ -309,6 +315,7 @@ def evaluate_joint(
             private=private, private_names=names,
         )  # fmt: skip
         results["meta"]["probe_train"] = train
+        advance()
     if classifier_accuracy is not None:
         results["classifier"] = {
             f"acc/{k}": float(v) for k, v in classifier_accuracy.items() if k != "train_seconds"

@@ -43,7 +43,8 @@ def run_seje_eval(
         train_cfg: The training config stored in the checkpoint (read from it when None).
     """
     from jointgen.utils.instantiate import instantiate_nodes
-    from jointgen.utils.runtime import build_trainer, finish_loggers
+    from jointgen.utils.progress import progress_bar
+    from jointgen.utils.runtime import build_trainer, finish_loggers, print_outputs
 
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split must be test or val for SEJE, got {cfg.split!r}")
@@ -64,7 +65,8 @@ def run_seje_eval(
     module.test_retrieval = RecipeRetrieval(sizes, bags, seed, metric=h.distance)
 
     loggers = instantiate_nodes(cfg.get("logger"), "logger")
-    trainer = build_trainer(cfg, [], loggers)
+    bars = [progress_bar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    trainer = build_trainer(cfg, bars, loggers)
     try:
         if cfg.split == "val":
             datamodule.prepare_data()
@@ -102,6 +104,5 @@ def run_seje_eval(
             files["embeddings"] = out / "embeddings.npz"
         results["files"] = {k: str(v) for k, v in files.items()}
         print(table, end="")
-        for k, v in files.items():
-            print(f"{k:<10} : {v}")
+        print_outputs(files, title="Evaluation finished")
     return results

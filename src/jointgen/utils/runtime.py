@@ -94,3 +94,12 @@ def finish_loggers(loggers: list, failed: bool | None = None) -> None:
 
             if wandb.run is not None:
                 wandb.finish(exit_code=1 if failed else 0)
+
+
+def print_outputs(files: dict, metrics: dict | None = None, title: str = "Outputs") -> None:
+    """The closing summary of a CLI: where each output went, then the headline numbers."""
+    print(f"\n{title}:")
+    for name, path in files.items():
+        print(f"  {name:<12} : {path}")
+    for name, value in (metrics or {}).items():
+        print(f"  {name:<44} {value:.4f}")

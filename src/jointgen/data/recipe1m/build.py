@@ -34,6 +34,7 @@ from jointgen.data.recipe1m.jsonstream import iter_json_array
 from jointgen.data.recipe1m.pickles import restricted_load_all
 from jointgen.data.recipe1m.text import join_phrases, phrase_token
 from jointgen.utils.checks import DataFormatError
+from jointgen.utils.progress import track
 
 log = logging.getLogger(__name__)
 VERIFY_MODES = ("none", "exists", "open", "decode")
@@ -227,7 +228,8 @@ def preprocess_recipe1m(
     seen: set[str] = set()
     kept = Counter()
     with open(corpus_tmp, "w", encoding="utf-8") as corpus:
-        for n, rec in enumerate(iter_json_array(files["layer1"], chunk_size)):
+        recipes = track(iter_json_array(files["layer1"], chunk_size), "layer1.json recipes")
+        for n, rec in enumerate(recipes):
             if progress and n and n % 100_000 == 0:
                 progress(f"{n} recipes read, {sum(kept.values())} kept")
             try:
