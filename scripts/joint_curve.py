@@ -18,6 +18,7 @@ import torch
 
 from jointgen.data.shapes import ShapesDataModule
 from jointgen.eval import cross_coherence_img2txt, cross_coherence_txt2img, joint_coherence
+from jointgen.eval.classifier import train_attribute_classifier
 from jointgen.models.joint import ConvImageBranch, JointVAE, TextBranch
 
 
@@ -39,6 +40,14 @@ def main() -> None:
     ap.add_argument("--num-eval", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-dir", default="data/shapes")
+    ap.add_argument("--hidden", type=int, default=32, help="conv branch hidden channels")
+    ap.add_argument("--w-dim", type=int, default=32, help="private image latent size")
+    ap.add_argument("--z-dim", type=int, default=32)
+    ap.add_argument("--derived", action="store_true", help="saturation/coordinate inputs")
+    ap.add_argument("--full-res", type=int, default=0, help="full-resolution conv layers")
+    ap.add_argument("--scale-mode", default="learned", help="learned | fixed | per_pixel")
+    ap.add_argument("--classifier", action="store_true", help="also read c2i with the CNN")
+    ap.add_argument("--save", default=None, help="save the network's state_dict here")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -49,9 +58,15 @@ def main() -> None:
         paraphrase_rate=args.paraphrase_rate,
     )  # fmt: skip
     dm.setup()
-    image = ConvImageBranch(32, 3, 32, 32, 32, convs_per_level=args.convs_per_level)
-    text = TextBranch(len(dm.vocab), 16, 32, 8, decoder=args.decoder)
-    net = JointVAE(image, text, fusion=args.fusion, likelihood_scale=args.scale)
+    image = ConvImageBranch(
+        32, 3, args.z_dim, args.w_dim, args.hidden, convs_per_level=args.convs_per_level,
+        scale=args.scale_mode, derived_inputs=args.derived, full_res_convs=args.full_res,
+    )  # fmt: skip
+    text = TextBranch(len(dm.vocab), 16, args.z_dim, 8, decoder=args.decoder)
+    scale = args.scale  # a mode name, or explicit "img:1,txt:1000"
+    if ":" in scale:
+        scale = {k: float(v) for k, v in (kv.split(":") for kv in scale.split(","))}
+    net = JointVAE(image, text, fusion=args.fusion, likelihood_scale=scale)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     test = dm.datasets["test"]
     n = args.num_eval
@@ -60,10 +75,23 @@ def main() -> None:
     def decode(t: torch.Tensor) -> list[str]:
         return [dm.vocab.decode(row.tolist()) for row in t]
 
+    clf = None
+    if args.classifier:
+        clf, acc = train_attribute_classifier(args.level)
+        print("attribute classifier accuracy", acc, flush=True)
+
     def evaluate(step: int, terms: dict) -> None:
         net.eval()
         with torch.no_grad():
-            c2i = cross_coherence_txt2img(net.caption_to_image(tokens), attrs, args.level)
+            gen = net.caption_to_image(tokens)
+            c2i = cross_coherence_txt2img(gen, attrs, args.level)
+            if clf is not None:
+                c2c = cross_coherence_txt2img(
+                    gen, attrs, args.level, method="classifier", classifier=clf
+                )
+                print(f"  c2i by classifier: strict {c2c['strict']:.3f}", flush=True)
+            rec = cross_coherence_txt2img(net.branches["img"].reconstruct(images), attrs, args.level)
+            print(f"  reconstruction strict {rec['strict']:.3f}", flush=True)
             i2c = cross_coherence_img2txt(decode(net.image_to_caption(images)), attrs, args.level)
             j = net.sample_joint(200)
             joint = joint_coherence(j["image"], decode(j["tokens"]), args.level)
@@ -89,6 +117,8 @@ def main() -> None:
                 evaluate(step, {k: float(v) for k, v in out.terms.items()})
             if step >= args.steps:
                 break
+    if args.save:
+        torch.save(net.state_dict(), args.save)
 
 
 if __name__ == "__main__":

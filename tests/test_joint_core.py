@@ -344,6 +344,27 @@ class TestConvImage:
         torch.testing.assert_close(branch.pixel_log_prob(x, mean), expected)
         assert "log_scale" not in dict(branch.named_parameters())
 
+    def test_per_pixel_scale_and_options(self):
+        torch.manual_seed(0)
+        branch = ConvImageBranch(
+            8, z_dim=Z, w_dim=3, hidden_channels=4, scale="per_pixel",
+            derived_inputs=True, full_res_convs=2,
+        )  # fmt: skip
+        x, z = torch.rand(2, 3, 8, 8), torch.randn(1, 2, Z)
+        w = torch.randn(1, 2, 3)
+        mean, log_scale = branch.decode_params(z, w)
+        assert mean.shape == log_scale.shape == (1, 2, 3, 8, 8)
+        assert log_scale.std() > 0  # a scale per pixel, not one per channel
+        expected = torch.distributions.Laplace(mean, log_scale.exp()).log_prob(x)
+        got = branch.pixel_log_prob(x, mean, log_scale)
+        torch.testing.assert_close(got, expected.flatten(-3).sum(-1))
+        # the derived inputs: 2x - 1, 4 x saturation, then the coordinates
+        d = branch._with_derived(x)
+        torch.testing.assert_close(d[:, 3], 4 * (x.amax(1) - x.amin(1)))
+        assert d[0, 4, 0, 0] == -1 and d[0, 4, 0, -1] == 1 and d[0, 5, -1, 0] == 1
+        terms = branch.log_likelihood(x, z)
+        assert terms.log_px.shape == (1, 2) and torch.isfinite(terms.log_px).all()
+
     def test_bad_arguments(self):
         with pytest.raises(ValueError, match="power of two"):
             ConvImageBranch(image_size=48)

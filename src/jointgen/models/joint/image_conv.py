@@ -45,7 +45,7 @@ from jointgen.models.joint.branch import BranchTerms, FlatPrivate, cat_latents
 from jointgen.models.joint.distributions import LOG_2PI, Distribution, make_dist
 
 LIKELIHOODS = ("laplace", "gaussian")
-SCALES = ("learned", "fixed")
+SCALES = ("learned", "fixed", "per_pixel")
 
 
 def _extra_convs(channels: int, n: int) -> list[nn.Module]:
@@ -73,8 +73,16 @@ class ConvImageBranch(nn.Module):
         convs_per_level: extra 3x3 conv + GroupNorm + SiLU layers at every resolution, in the
             encoder and the decoder (0: the plain stride-2 stacks of the MMVAE image nets).
         likelihood: ``laplace`` or ``gaussian`` pixel likelihood.
-        scale: ``learned`` (one log-scale per channel) or ``fixed`` likelihood scale.
+        scale: ``learned`` (one log-scale per channel), ``fixed``, or ``per_pixel`` (the
+            decoder predicts a log-scale for every pixel and channel, so noisy textured
+            backgrounds get a wide likelihood and the flat-coloured object a sharp one).
         init_scale: the fixed scale, or the initial learned one (pixels are in [0, 1]).
+        derived_inputs: the encoder also reads each pixel's saturation (max - min channel) and
+            its coordinates; both are functions of the image, and the saturation separates the
+            coloured object from the grey background textures.
+        full_res_convs: 3x3 conv + GroupNorm + SiLU layers at the full image resolution, before
+            the encoder's first down-sampling and after the decoder's last up-sampling (the
+            outline of a small object is lost once the side is halved).
         family: posterior family of q(z | x) and q(w | x): ``normal`` or ``laplace``.
         free_bits: per-dimension KL floor for the closed-form KL of w (nats).
     """
@@ -92,6 +100,8 @@ class ConvImageBranch(nn.Module):
         init_scale: float = 0.1,
         family: str = "normal",
         free_bits: float = 0.0,
+        derived_inputs: bool = False,
+        full_res_convs: int = 0,
     ) -> None:
         super().__init__()
         levels = int(round(math.log2(image_size / 4))) if image_size > 0 else 0
@@ -105,11 +115,18 @@ class ConvImageBranch(nn.Module):
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
         make_dist(family, torch.zeros(1), torch.zeros(1))  # validates the family name
         self.image_size, self.channels, self.z_dim, self.w_dim = image_size, channels, z_dim, w_dim
-        self.family, self.likelihood = family, likelihood
+        self.family, self.likelihood, self.scale = family, likelihood, scale
+        self.derived_inputs = derived_inputs
         self.data_dim = channels * image_size * image_size
 
         widths = [hidden_channels * 2 ** min(i, 2) for i in range(levels)]
-        enc, c_in = [], channels
+        enc: list[nn.Module] = []
+        c_in = channels + (3 if derived_inputs else 0)
+        if full_res_convs:
+            stem = hidden_channels // 2
+            enc += [nn.Conv2d(c_in, stem, 3, padding=1), nn.GroupNorm(min(8, stem), stem)]
+            enc += [nn.SiLU(), *_extra_convs(stem, full_res_convs - 1)]
+            c_in = stem
         for c in widths:  # each level halves the side: image_size -> 4
             enc += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.SiLU()]
             enc += _extra_convs(c, convs_per_level)
@@ -132,13 +149,19 @@ class ConvImageBranch(nn.Module):
         for c_in, c_out in zip(widths[::-1], widths[::-1][1:]):
             dec += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU()]
             dec += _extra_convs(c_out, convs_per_level)
-        dec += [nn.ConvTranspose2d(widths[0], channels, 4, stride=2, padding=1)]
+        out_channels = channels * (2 if scale == "per_pixel" else 1)
+        if full_res_convs:
+            stem = hidden_channels // 2
+            dec += [nn.ConvTranspose2d(widths[0], stem, 4, stride=2, padding=1), nn.SiLU()]
+            dec += [*_extra_convs(stem, full_res_convs), nn.Conv2d(stem, out_channels, 1)]
+        else:
+            dec += [nn.ConvTranspose2d(widths[0], out_channels, 4, stride=2, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
         log_scale = torch.full((channels, 1, 1), math.log(init_scale))
         if scale == "learned":
             self.log_scale = nn.Parameter(log_scale)
-        else:
+        else:  # per_pixel: the decoder's offset is added to this initial value
             self.register_buffer("log_scale", log_scale)
         self.private = FlatPrivate(w_dim, family, free_bits)
 
@@ -146,6 +169,8 @@ class ConvImageBranch(nn.Module):
 
     def expert(self, x: torch.Tensor) -> tuple[Distribution, Distribution | None]:
         """Shared expert q(z | x) ``(B, z_dim)`` and the private posterior q(w | x) (or None)."""
+        if self.derived_inputs:
+            x = self._with_derived(x)
         h = self.encoder(x)
         pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)
         loc_z, log_scale_z = self.head_z(pooled).chunk(2, dim=-1)
@@ -155,6 +180,16 @@ class ConvImageBranch(nn.Module):
             q_w = make_dist(self.family, loc_w, log_scale_w)
         return make_dist(self.family, loc_z, log_scale_z), q_w
 
+    @staticmethod
+    def _with_derived(x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` -> [2x - 1, 4 × saturation, x coordinate, y coordinate]."""
+        sat = x.amax(1, keepdim=True) - x.amin(1, keepdim=True)
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+        ys, xs = ys.view(1, 1, h, 1).expand(b, 1, h, w), xs.view(1, 1, 1, w).expand(b, 1, h, w)
+        return torch.cat([2.0 * x - 1.0, 4.0 * sat, xs, ys], dim=1)
+
     def private_mean(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """Posterior mean of w_img, ``(B, w_dim)`` (z is unused: q(w | x) is flat)."""
         _, q_w = self.expert(x)
@@ -162,16 +197,31 @@ class ConvImageBranch(nn.Module):
 
     # --- decoder ------------------------------------------------------------------------------
 
-    def decode(self, z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """Likelihood mean in [0, 1]: ``(..., z_dim)`` (+ w) -> ``(..., C, H, W)``."""
+    def decode_params(
+        self, z: torch.Tensor, w: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Likelihood mean in [0, 1] and log-scale: ``(..., z_dim)`` (+ w) -> two
+        ``(..., C, H, W)`` tensors (the log-scale broadcastable unless ``per_pixel``)."""
         zw = cat_latents(z, w)
         lead = zw.shape[:-1]
-        out = torch.sigmoid(self.decoder(zw.reshape(-1, zw.shape[-1])))
-        return out.reshape(*lead, *out.shape[1:])
+        out = self.decoder(zw.reshape(-1, zw.shape[-1]))
+        if self.scale == "per_pixel":
+            out, offset = out.chunk(2, dim=1)
+            log_scale = (self.log_scale + offset).reshape(*lead, *offset.shape[1:])
+        else:
+            log_scale = self.log_scale
+        return torch.sigmoid(out).reshape(*lead, *out.shape[1:]), log_scale
 
-    def pixel_log_prob(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """log p(x | mean) in nats per image: ``x (B, C, H, W)``, ``mean (..., B, C, H, W)``."""
-        log_scale = self.log_scale.clamp(min=-7.0)
+    def decode(self, z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Likelihood mean in [0, 1]: ``(..., z_dim)`` (+ w) -> ``(..., C, H, W)``."""
+        return self.decode_params(z, w)[0]
+
+    def pixel_log_prob(
+        self, x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log p(x | mean) in nats per image: ``x (B, C, H, W)``, ``mean (..., B, C, H, W)``;
+        ``log_scale`` broadcastable to ``mean`` (default: the branch's per-channel scale)."""
+        log_scale = (self.log_scale if log_scale is None else log_scale).clamp(min=-7.0)
         e = (x - mean) * torch.exp(-log_scale)
         if self.likelihood == "laplace":
             lp = -e.abs() - log_scale - math.log(2.0)
@@ -204,7 +254,7 @@ class ConvImageBranch(nn.Module):
         w, log_ratio, kl, latents = self.private.draw(
             features, z, posterior=posterior, detach_posterior=detach_posterior
         )
-        log_px = self.pixel_log_prob(x, self.decode(z, w))
+        log_px = self.pixel_log_prob(x, *self.decode_params(z, w))
         return BranchTerms(log_px, log_ratio, kl, latents)
 
     @torch.no_grad()
