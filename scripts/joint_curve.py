@@ -90,7 +90,9 @@ def main() -> None:
                     gen, attrs, args.level, method="classifier", classifier=clf
                 )
                 print(f"  c2i by classifier: strict {c2c['strict']:.3f}", flush=True)
-            rec = cross_coherence_txt2img(net.branches["img"].reconstruct(images), attrs, args.level)
+            rec = cross_coherence_txt2img(
+                net.branches["img"].reconstruct(images), attrs, args.level
+            )
             print(f"  reconstruction strict {rec['strict']:.3f}", flush=True)
             i2c = cross_coherence_img2txt(decode(net.image_to_caption(images)), attrs, args.level)
             j = net.sample_joint(200)
