@@ -22,6 +22,7 @@ def test_committed_without_outputs(path):
             assert cell["outputs"] == [] and cell["execution_count"] is None, f"cell {i}"
 
 
+@pytest.mark.slow  # a kernel and a tiny training run each: 15-60 s
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
 def test_runs_on_tiny_settings(path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
