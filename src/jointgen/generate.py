@@ -44,6 +44,7 @@ RIGHT, WRONG = (0, 130, 0), (200, 0, 0)  # caption colours in the grids
 __all__ = [
     "MODES",
     "annotate",
+    "caption_records",
     "generate",
     "grid_cells",
     "is_joint_config",
@@ -291,6 +292,23 @@ def annotate(
                 }
         records.append(rec)
     return records
+
+
+def caption_records(result: dict) -> list[dict]:
+    """One JSON-ready record per sample of ``generate``'s result, without attribute checks (for
+    caption data with no attributes, such as Recipe1M titles): ``mode``, ``temperature``,
+    ``index``, ``source_caption`` and ``caption`` (the generated one)."""
+    mode, sources, captions = result["mode"], result["source_captions"], result["captions"]
+    return [
+        {
+            "mode": mode,
+            "temperature": result["temperature"],
+            "index": index if mode != "joint" else None,
+            "source_caption": sources[i] if sources else None,
+            "caption": captions[i] if captions is not None else None,
+        }
+        for i, index in enumerate(result["index"])
+    ]
 
 
 # --- grids ----------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ Joint caption-image VAE checkpoints: ``mode=joint|caption_to_image|image_to_capt
 writes one captioned PNG grid per temperature (``<mode>_t<t>.png``; captions green when every
 attribute checks out, red otherwise) and ``captions.jsonl``, one record per sample (see
 ``jointgen.generate.annotate``). Sources are the first ``num_samples`` pairs of ``split``, or the
-``captions`` given on the command line for ``caption_to_image``.
+``captions`` given on the command line for ``caption_to_image``. Data without attributes
+(Recipe1M titles) get plain grids and records without checks, the vocabulary of the data module,
+and the first complete pairs of ``split`` as sources.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from jointgen import CONF_DIR
-from jointgen.generate import MODES, annotate, generate, is_joint_config, render_samples
+from jointgen.generate import (
+    MODES,
+    annotate,
+    caption_records,
+    generate,
+    is_joint_config,
+    render_samples,
+)
 from jointgen.utils.checkpoint import model_from_checkpoint
 from jointgen.utils.checks import ConfigError
 from jointgen.utils.images import save_grid
@@ -83,7 +92,21 @@ def sample_prior(cfg: DictConfig, model, out_dir: Path) -> list[Path]:
     return written
 
 
-def _sources(cfg: DictConfig, train_cfg, n: int) -> dict:
+def _datamodule(cfg: DictConfig, train_cfg):
+    return instantiate(OmegaConf.merge(train_cfg.data, cfg.get("data") or {}))
+
+
+def _first_pairs(dm, split: str, n: int) -> dict:
+    """The first ``n`` samples of ``split`` that have both an image and a caption."""
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"split must be one of train, val, test for this data, got {split!r}")
+    try:
+        return dm.dataset(split).pairs(n)
+    except ValueError as e:
+        raise ConfigError(f"split={split}: {e}") from None
+
+
+def _sources(cfg: DictConfig, train_cfg, n: int, dm=None) -> dict:
     """Source captions/images for the cross modes: CLI captions or the data split."""
     if cfg.mode == "joint":
         return {}
@@ -91,7 +114,9 @@ def _sources(cfg: DictConfig, train_cfg, n: int) -> dict:
         if cfg.mode != "caption_to_image":
             raise ConfigError("captions=[...] works with mode=caption_to_image only")
         return {"captions": [str(c) for c in cfg.captions][:n]}
-    dm = instantiate(OmegaConf.merge(train_cfg.data, cfg.get("data") or {}))
+    dm = dm or _datamodule(cfg, train_cfg)
+    if not hasattr(dm, "space"):  # data without attributes (Recipe1M): the first full pairs
+        return _first_pairs(dm, cfg.split, n)
     dm.setup("test")
     if cfg.split not in dm.datasets:
         raise ConfigError(f"split must be one of {sorted(dm.datasets)}, got {cfg.split!r}")
@@ -104,21 +129,30 @@ def sample_joint(cfg: DictConfig, model, train_cfg, out_dir: Path) -> list[Path]
     from jointgen.data.shapes.attributes import AttributeSpace
 
     d = train_cfg.data
-    space = AttributeSpace(int(d.level), int(d.num_colours), str(d.position_grid))
+    dm = vocab = space = None
+    if OmegaConf.select(d, "level") is not None:  # captioned shapes: attributes are checked
+        space = AttributeSpace(int(d.level), int(d.num_colours), str(d.position_grid))
+    else:  # other caption data (Recipe1M): the vocabulary comes from the data module
+        dm = _datamodule(cfg, train_cfg)
+        vocab = dm.vocab
     model.to(_device(cfg))
     n = int(cfg.num_samples)
-    sources = _sources(cfg, train_cfg, n)
+    sources = _sources(cfg, train_cfg, n, dm)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, records = [], []
     for t in cfg.temperatures:
         torch.manual_seed(cfg.seed)  # the same noise at every temperature: comparable grids
-        res = generate(model, cfg.mode, n, float(t), greedy=cfg.greedy, **sources)
-        recs = annotate(res, space)
+        res = generate(model, cfg.mode, n, float(t), greedy=cfg.greedy, vocab=vocab, **sources)
+        recs = annotate(res, space) if space is not None else caption_records(res)
         records += recs
-        path = render_samples(res, recs, out_dir / f"{cfg.mode}_t{float(t):g}.png")
+        checked = recs if space is not None else None
+        path = render_samples(res, checked, out_dir / f"{cfg.mode}_t{float(t):g}.png")
         written.append(path)
-        strict = sum(r["strict"] for r in recs) / len(recs)
-        print(f"wrote {path} (strict coherence {strict:.3f})")
+        if space is not None:
+            strict = sum(r["strict"] for r in recs) / len(recs)
+            print(f"wrote {path} (strict coherence {strict:.3f})")
+        else:
+            print(f"wrote {path}")
     jsonl = out_dir / "captions.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     print(f"wrote {jsonl}")
