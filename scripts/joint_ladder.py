@@ -7,6 +7,7 @@ best checkpoint for every level, and prints a table shaped like the CdSprites+ l
     python scripts/joint_ladder.py                                # levels 1-6, default settings
     python scripts/joint_ladder.py --levels 1 2 3 --seeds 0 1 2 -- trainer.max_epochs=3
     python scripts/joint_ladder.py --out logs/ladder --skip-train   # re-evaluate existing runs
+    python scripts/joint_ladder.py --eval joint.frechet=false -- trainer.max_epochs=2
 
 Everything after ``--`` is passed to ``jointgen-train`` as Hydra overrides. The table goes to
 stdout and to ``<out>/ladder.md``; per-level JSON to ``<out>/level_<L>_seed_<S>/results/``.
@@ -46,7 +47,14 @@ def _run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"command failed ({proc.returncode}), see {log}:\n" + "\n".join(tail))
 
 
-def run_level(level: int, seed: int, out: Path, overrides: list[str], skip_train: bool) -> dict:
+def run_level(
+    level: int,
+    seed: int,
+    out: Path,
+    overrides: list[str],
+    skip_train: bool,
+    eval_overrides: list[str] = (),
+) -> dict:
     run_dir = out / f"level_{level}_seed_{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     if not skip_train:
@@ -59,7 +67,7 @@ def run_level(level: int, seed: int, out: Path, overrides: list[str], skip_train
     ckpt = summary["best_checkpoint"] or summary["last_checkpoint"]
     eval_dir = run_dir / "eval"
     _run(
-        [_bin("jointgen-eval"), f"ckpt_path={ckpt}", f"hydra.run.dir={eval_dir}"],
+        [_bin("jointgen-eval"), f"ckpt_path={ckpt}", f"hydra.run.dir={eval_dir}", *eval_overrides],
         run_dir / "eval.log",
     )
     return json.loads((eval_dir / "results" / "metrics.json").read_text())
@@ -79,13 +87,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("logs/ladder"))
     ap.add_argument("--model-name", default="jointgen MMVAE+ (ours)")
     ap.add_argument("--skip-train", action="store_true", help="evaluate existing runs only")
+    ap.add_argument(
+        "--eval",
+        nargs="*",
+        default=[],
+        help="overrides for jointgen-eval, e.g. joint.frechet=false (skips training the FD "
+        "classifier of every level)",
+    )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for jointgen-train (after --)")
     args = ap.parse_args()
 
     rows = []
     for level in args.levels:
         per_seed = [
-            run_level(level, s, args.out, args.overrides, args.skip_train) for s in args.seeds
+            run_level(level, s, args.out, args.overrides, args.skip_train, args.eval)
+            for s in args.seeds
         ]
         rows.append(
             leaderboard_row(

@@ -62,6 +62,12 @@ def run_train(cfg: DictConfig) -> float | None:
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: _num(v) for k, v in trainer.callback_metrics.items()}
+        target = cfg.get("optimized_metric")
+        if target and target not in metrics and ckpt_path is not None:
+            # resumed from a checkpoint written after the last epoch: fit ran no validation,
+            # so validate the restored weights once to report the metric
+            for r in trainer.validate(model, datamodule=datamodule, verbose=False):
+                metrics.update({k: _num(v) for k, v in r.items()})
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cfg.get("test"):
             res = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
