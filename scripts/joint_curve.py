@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--derived", action="store_true", help="saturation/coordinate inputs")
     ap.add_argument("--full-res", type=int, default=0, help="full-resolution conv layers")
     ap.add_argument("--scale-mode", default="learned", help="learned | fixed | per_pixel")
+    ap.add_argument("--cosine", action="store_true", help="cosine lr decay to 0 over --steps")
     ap.add_argument("--classifier", action="store_true", help="also read c2i with the CNN")
     ap.add_argument("--save", default=None, help="save the network's state_dict here")
     args = ap.parse_args()
@@ -68,6 +69,9 @@ def main() -> None:
         scale = {k: float(v) for k, v in (kv.split(":") for kv in scale.split(","))}
     net = JointVAE(image, text, fusion=args.fusion, likelihood_scale=scale)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    sched = None
+    if args.cosine:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     test = dm.datasets["test"]
     n = args.num_eval
     images, tokens, attrs = test.images[:n].float() / 255, test.tokens[:n], test.attrs[:n]
@@ -114,6 +118,8 @@ def main() -> None:
             opt.zero_grad()
             out.loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             step += 1
             if step % args.every == 0 or step == args.steps:
                 evaluate(step, {k: float(v) for k, v in out.terms.items()})
