@@ -24,6 +24,7 @@ from jointgen.data.recipe1m.cache import Recipe1MCache
 from jointgen.features.lexicon import derive_lexicon, recover_phrases
 from jointgen.features.rating import BertScorer, bert_relevance, idf, textrank, tfidf
 from jointgen.utils.checks import ConfigError
+from jointgen.utils.progress import track
 
 RATINGS = ("tfidf", "textrank", "bert")
 CHUNK_TOKENS = 1 << 24  # instruction tokens per chunk (memory bound of the feature step)
@@ -211,7 +212,7 @@ def _textrank_all(rec, seq_term, p_rec, p_term, window, damping, iterations) -> 
     bounds = np.searchsorted(rec, np.arange(p_rec.max() + 2 if len(p_rec) else 1))
     weights = np.empty(len(p_rec))
     pb = np.searchsorted(p_rec, np.arange(p_rec.max() + 2 if len(p_rec) else 1))
-    for r in np.unique(p_rec):
+    for r in track(np.unique(p_rec), "TextRank term weights"):
         terms, scores = textrank(seq_term[bounds[r] : bounds[r + 1]], window, damping, iterations)
         # the pair slice of recipe r lists the same sorted distinct terms
         weights[pb[r] : pb[r + 1]] = scores[np.searchsorted(terms, p_term[pb[r] : pb[r + 1]])]
@@ -224,7 +225,7 @@ def _bert_all(cache, words, names, scorer, p_rec, p_term, chunk: int = 1024) -> 
     weights = np.empty(len(p_rec))
     pb = np.searchsorted(p_rec, np.arange(len(cache) + 1))
     vocab = np.array(["<pad>", "<unk>", *words], dtype=object)
-    for a in range(0, len(cache), chunk):
+    for a in track(range(0, len(cache), chunk), "BERT term weights (chunks)"):
         b = min(len(cache), a + chunk)
         texts = []
         for i in range(a, b):

@@ -91,7 +91,7 @@ def _check_image(path: Path, mode: str) -> str | None:
 def _read_det(path: Path, chunk_size: int, report: _Report) -> dict[str, str]:
     """det_ingrs.json -> {id: "1olive_oil 0raw_line ..."}: validity bit + phrase token each."""
     out: dict[str, str] = {}
-    for n, rec in enumerate(iter_json_array(path, chunk_size)):
+    for n, rec in enumerate(track(iter_json_array(path, chunk_size), f"{path.name} records")):
         try:
             rid, items, valid = _str(rec["id"]), rec["ingredients"], rec["valid"]
             tokens = (
@@ -106,7 +106,7 @@ def _read_det(path: Path, chunk_size: int, report: _Report) -> dict[str, str]:
 def _read_layer2(path: Path, chunk_size: int, report: _Report) -> dict[str, str]:
     """layer2.json -> {id: newline-joined image names}."""
     out: dict[str, str] = {}
-    for n, rec in enumerate(iter_json_array(path, chunk_size)):
+    for n, rec in enumerate(track(iter_json_array(path, chunk_size), f"{path.name} records")):
         try:
             out[_str(rec["id"])] = "\n".join(_str(im["id"]) for im in rec["images"])
         except (KeyError, TypeError, IndexError):
