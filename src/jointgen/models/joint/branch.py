@@ -86,7 +86,10 @@ class FlatPrivate(nn.Module):
         if dim < 0:
             raise ValueError(f"private latent size must be >= 0, got {dim}")
         self.dim, self.family, self.free_bits = dim, family, free_bits
-        self.aux_log_scale = nn.Parameter(torch.zeros(dim))
+        if dim:
+            self.aux_log_scale = nn.Parameter(torch.zeros(dim))
+        else:  # an empty parameter would never get a gradient, which DDP refuses
+            self.register_buffer("aux_log_scale", torch.zeros(0))
 
     def draw(
         self,
