@@ -33,8 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for job in sorted(
-        p.parent for p in args.root.rglob("metrics.json") if p.parent.name != "results"
-    ):
+        p.parent for p in args.root.rglob("metrics.json") if (p.parent / "checkpoints").is_dir()
+    ):  # training runs only (jointgen-eval's own folders have no checkpoints)
         summary = json.loads((job / "metrics.json").read_text())
         cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
         if not args.skip_eval:
