@@ -113,11 +113,29 @@ RUN = [
 ]
 
 
-def _train_cmd(root: Path) -> tuple[list[str], dict]:
+# the joint VAE (conv branch, autoregressive caption decoder): the same run for that family
+JOINT_RUN = [
+    "experiment=joint_shapes",
+    "data.level=1",
+    "data.image_size=16",
+    "data.batch_size=16",
+    "model.net.text.hidden_dim=32",
+    "model.net.text.embed_dim=16",
+    "model.net.image.hidden_channels=8",
+    "callbacks.cross_coherence.num_samples=8",
+    "~callbacks.progress_bar",
+    "~callbacks.model_summary",
+]
+SHARED = ("data.num_", "logger", "~callbacks.sample", "final_", "test=", "trainer.", "model.num")
+JOINT_RUN += [o for o in RUN if o.startswith((*SHARED, "callbacks.step", "resume"))]
+RUNS = {"nvae": RUN, "joint": JOINT_RUN}
+
+
+def _train_cmd(root: Path, run: list[str] = RUN) -> tuple[list[str], dict]:
     exe = Path(sys.executable).parent / "jointgen-train"
     # one thread in every run: less contention on small machines, same kernels as the reference
     env = dict(os.environ, JOINTGEN_ROOT=str(root), HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
-    return [str(exe), *RUN], env
+    return [str(exe), *run], env
 
 
 def _final(run: Path) -> tuple[dict, dict]:
@@ -126,9 +144,11 @@ def _final(run: Path) -> tuple[dict, dict]:
     return summary, state
 
 
-def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("family", sorted(RUNS))
+def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path, family):
+    run_args = RUNS[family]
     # reference: the same training, uninterrupted, in this process
-    ref_cfg = compose_cfg("train", [o for o in RUN if o != "resume=auto"], tmp_path / "ref")
+    ref_cfg = compose_cfg("train", [o for o in run_args if o != "resume=auto"], tmp_path / "ref")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -139,7 +159,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
 
     root = tmp_path / "cli"
     root.mkdir()
-    cmd, env = _train_cmd(root)
+    cmd, env = _train_cmd(root, run_args)
     proc = subprocess.Popen(
         cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
