@@ -127,15 +127,9 @@ def pair_ranks(
     if n >= 2**24:
         raise ValueError(f"bags of {n} items exceed the exact float32 counts (< 2^24)")
     chunk = max(1, min(chunk, n))
-    # The diagonal comes from one batched matmul of 256-row diagonal blocks rather than a
-    # row-wise sum, so the match and a bitwise-identical gallery item get the same arithmetic
-    # and tie exactly (one op: on a loaded machine every threaded op costs a time slice).
-    b = min(256, n)
-    pad = (-n) % b
-    xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(-1, b, x.shape[1])
-    yb = torch.nn.functional.pad(y, (0, 0, 0, pad)).view(-1, b, y.shape[1])
-    diag = torch.bmm(xb, yb.transpose(1, 2)).diagonal(dim1=1, dim2=2).reshape(-1)[:n]
-    del xb, yb
+    # The diagonal comes from small matmuls rather than a row-wise sum, so the match and a
+    # bitwise-identical gallery item get the same arithmetic and tie exactly.
+    diag = torch.cat([(x[s : s + 256] @ y[s : s + 256].T).diagonal() for s in range(0, n, 256)])
     i2r = torch.empty(n, dtype=torch.float32, device=x.device)
     r2i = torch.zeros(n, dtype=torch.float32, device=x.device)
     sim = x.new_empty(chunk, n)
