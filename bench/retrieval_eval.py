@@ -1,4 +1,4 @@
-"""Wall time and peak memory of the Recipe1M retrieval evaluation (1k/10k x 10 bags, both ways).
+"""Wall time and peak memory of the Recipe1M retrieval evaluation (10k x 10 bags, both ways).
 
 The pool mimics the Recipe1M test split: 51,304 aligned image/recipe pairs of 1024-d
 L2-normalised embeddings that share a latent (so ranks look like a trained model's, MedR a
@@ -6,19 +6,19 @@ few tens at 10k), evaluated with :func:`jointgen.eval.retrieval.retrieval_metric
 ``jointgen-eval`` does (sorting excluded). The reference ranks with a pure-Python loop: about
 3 s per 1k bag and roughly one hour for 10k x 10 bags in one direction (spec seje.md §6).
 
-    python bench/retrieval_eval.py                      # 1k and 10k x 10 bags, 2 threads, 3 runs
-    python bench/retrieval_eval.py --sizes 10000 --repeats 5 --chunk 2048
+    python bench/retrieval_eval.py                      # 10k x 10 bags, 2 threads, 3 runs
+    python bench/retrieval_eval.py --sizes 1000 --repeats 5
     python bench/retrieval_eval.py --threads 16 --device cuda
 
-Memory: ``peak RSS`` is the process's peak resident set (``VmHWM``, reset before each bag size;
-it includes ~0.5 GB for importing a CUDA build of torch and the 0.4 GB pool); ``growth`` is the
-peak minus the RSS after building the pool, i.e. what the evaluation itself adds.
+Memory: ``peak RSS`` is the process maximum (``ru_maxrss``, includes ~0.5 GB for importing a
+CUDA build of torch); ``growth`` is the peak minus the RSS after building the pool.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 
@@ -28,40 +28,22 @@ def _rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
-def _reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) so each bag size gets its own peak."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_gb() -> float:
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kb / 2**20
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pool", type=int, default=51304, help="pool size (Recipe1M test: 51,304)")
     p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10000])
     p.add_argument("--bags", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument(
-        "--chunk", type=int, default=None, help="rows per matmul block (default: pair_ranks' own)"
-    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--noise", type=float, default=3.2, help="modality noise (3.2: 10k MedR ~ 20)")
     args = p.parse_args()
 
     import torch
 
-    import jointgen.eval.retrieval as R
+    from jointgen.eval.retrieval import format_table, retrieval_metrics
 
-    if args.chunk is not None:
-        ranks = R.pair_ranks
-        R.pair_ranks = lambda img, rec, metric="euclidean": ranks(img, rec, metric, args.chunk)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(args.pool, args.dim, generator=g)
@@ -71,27 +53,25 @@ def main() -> None:
     rec = torch.nn.functional.normalize(rec, dim=1).to(args.device)
     del z
     base = _rss_gb()
+    times, res = [], None
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        res = retrieval_metrics(img, rec, bag_sizes=args.sizes, n_bags=args.bags)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(format_table(res), end="")
+    sizes = "+".join(f"{s}" for s in args.sizes)
     print(
-        f"pool {args.pool} x {args.dim}, {args.bags} bags per size, both directions, "
-        f"{args.threads} thread(s), {args.device}, {args.repeats} runs per size"
+        f"pool {args.pool} x {args.dim}, N={sizes}, {args.bags} bags, both directions, "
+        f"{args.threads} thread(s), {args.device}"
     )
-    for size in sorted(args.sizes):
-        _reset_peak()
-        times, res = [], None
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            res = R.retrieval_metrics(img, rec, bag_sizes=[size], n_bags=args.bags)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        peak = _peak_gb()
-        print(R.format_table(res), end="")
-        print(
-            f"N={size} x {args.bags}: median {statistics.median(times):.2f} s "
-            f"(min {min(times):.2f}, max {max(times):.2f}); peak RSS {peak:.2f} GB, "
-            f"growth {peak - base:.2f} GB; load avg {os.getloadavg()[0]:.1f}\n",
-            flush=True,
-        )
+    print(
+        f"median {statistics.median(times):.2f} s over {args.repeats} runs "
+        f"(min {min(times):.2f}, max {max(times):.2f}); "
+        f"peak RSS {peak:.2f} GB, growth {peak - base:.2f} GB; load avg {os.getloadavg()[0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

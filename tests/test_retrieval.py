@@ -43,71 +43,7 @@ def _brute_ranks(img: np.ndarray, rec: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return i2r, r2i
 
 
-def _argsort_ranks(sim: np.ndarray) -> np.ndarray:
-    """Rank of the diagonal item in each row of ``sim`` (larger = closer) by a full sort.
-
-    An independent rule from counting: rows are sorted by decreasing similarity with ties
-    broken in favour of the match, and the rank is the match's position + 1.
-    """
-    n = sim.shape[0]
-    ranks = np.empty(n, int)
-    for q in range(n):
-        order = np.lexsort((np.arange(n) != q, -sim[q]))  # last key sorts first
-        ranks[q] = int(np.flatnonzero(order == q)[0]) + 1
-    return ranks
-
-
-def _reference_ranks(img: torch.Tensor, rec: torch.Tensor, metric: str):
-    """(i2r, r2i) ranks from float64 similarities and :func:`_argsort_ranks`."""
-    x, y = img.double().numpy(), rec.double().numpy()
-    if metric == "cosine":
-        x = x / np.linalg.norm(x, axis=1, keepdims=True)
-        y = y / np.linalg.norm(y, axis=1, keepdims=True)
-    if metric == "euclidean":
-        sim = -((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
-    else:
-        sim = x @ y.T
-    return _argsort_ranks(sim), _argsort_ranks(sim.T)
-
-
-def _quantised_pairs(n: int, d: int = 4, levels: int = 2, seed: int = 0):
-    """Small-integer embeddings: every score is exact in float32, and many are tied."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randint(-levels, levels + 1, (n, d), generator=g)
-    img = (z + torch.randint(-1, 2, (n, d), generator=g)).float()
-    rec = (z + torch.randint(-1, 2, (n, d), generator=g)).float()
-    return img, rec
-
-
 class TestRanks:
-    @pytest.mark.parametrize("metric", ["euclidean", "dot"])
-    @pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
-    def test_ties_against_argsort_reference(self, metric, chunk):
-        img, rec = _quantised_pairs(90)
-        ref_i2r, ref_r2i = _reference_ranks(img, rec, metric)
-        x = torch.as_tensor(img.numpy() @ rec.numpy().T)
-        assert (x[:, :, None] == x[:, None, :]).any(0).sum() > 90  # ties are really there
-        i2r, r2i = pair_ranks(img, rec, metric, chunk=chunk)
-        np.testing.assert_array_equal(i2r.numpy(), ref_i2r)
-        np.testing.assert_array_equal(r2i.numpy(), ref_r2i)
-
-    @pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
-    def test_random_against_argsort_reference(self, metric):
-        img, rec = _pairs(150, d=24, noise=1.5, seed=5)
-        img = img * torch.linspace(0.5, 2.0, 150)[:, None]  # norms matter for euclidean/dot
-        ref_i2r, ref_r2i = _reference_ranks(img, rec, metric)
-        i2r, r2i = pair_ranks(img, rec, metric, chunk=32)
-        np.testing.assert_array_equal(i2r.numpy(), ref_i2r)
-        np.testing.assert_array_equal(r2i.numpy(), ref_r2i)
-
-    def test_duplicated_items_tie_with_the_match(self):
-        # bitwise-identical gallery items (Recipe1M has duplicate recipes) must tie exactly
-        img, rec = _pairs(300, d=64, noise=2.0, seed=7)
-        img[10], rec[10] = img[3], rec[3]
-        i2r, r2i = pair_ranks(img, rec, chunk=128)
-        ref_i2r, ref_r2i = _reference_ranks(img, rec, "euclidean")
-        assert i2r[3] == i2r[10] == ref_i2r[3] and r2i[3] == r2i[10] == ref_r2i[3]
-
     @pytest.mark.parametrize("chunk", [7, 2048])
     def test_against_brute_force(self, chunk):
         img, rec = _pairs(60)
@@ -177,33 +113,6 @@ class TestBags:
                     want = (r <= k).mean(1).mean() * 100
                     assert res[f"r{k}_{d}_{size}"] == pytest.approx(want)
             assert res[f"bags_{size}"] == nb and res[f"n_{size}"] == size
-
-    @pytest.mark.parametrize("n_bags", [5, 10])
-    def test_metrics_match_argsort_reference_with_ties(self, n_bags):
-        img, rec = _quantised_pairs(150, d=5, seed=2)
-        res = retrieval_metrics(img, rec, bag_sizes=(60, 120), n_bags=n_bags)
-        for size in (60, 120):
-            ranks = {"i2r": [], "r2i": []}
-            for idx in bag_indices(150, size, n_bags, 1234):
-                i2r, r2i = _reference_ranks(img[idx], rec[idx], "euclidean")
-                ranks["i2r"].append(i2r)
-                ranks["r2i"].append(r2i)
-            for d, r in ranks.items():
-                r = np.stack(r)
-                assert res[f"medr_{d}_{size}"] == pytest.approx(np.median(r, 1).mean(), abs=0)
-                for k in (1, 5, 10):
-                    want = (r <= k).mean(1).mean() * 100
-                    assert res[f"r{k}_{d}_{size}"] == pytest.approx(want, abs=1e-9)
-            assert res[f"bags_{size}"] == n_bags
-
-    def test_bag_sampling_matches_the_reference_rng(self):
-        # the reference draws each bag with random.sample(range(pool), N) from one
-        # random.Random(1234); the bags must stay exactly those
-        import random
-
-        rng = random.Random(1234)
-        want = [rng.sample(range(500), 100) for _ in range(10)]
-        np.testing.assert_array_equal(bag_indices(500, 100, 10), np.array(want))
 
     def test_bag_size_capped_at_pool(self, caplog):
         img, rec = _pairs(30)

@@ -12,12 +12,10 @@ Protocol (im2recipe, Salvador et al., CVPR 2017; kept by SEJE, ACME, H-T; spec `
   ranks, so 4.5 occurs; ``torch.median`` would take the lower one), R@K = % of ranks <= K;
   reported values are means over bags.
 
-The ranking is vectorised and never sorts: per bag, float32 matmuls over blocks of query rows
-(``torch`` threads) give the similarities, each block is compared with the diagonal row-wise
-(i2r) and column-wise (r2i), so both directions come from the same numbers, and the 0/1
-comparisons are counted with matrix-vector products. A 10k bag costs one 10k x 1024 x 10k matmul
-(2e11 flops, the bulk of the time) instead of the reference's 10^8 Python-level comparisons, and
-holds two ``chunk x N`` blocks instead of the ``N x N`` matrix.
+The ranking is vectorised: one ``N x N`` distance matrix per bag from a matmul (``torch``
+threads), whose entries are compared with its diagonal row-wise (i2r) and column-wise (r2i), so
+both directions come from the same numbers. A 10k x 10k bag costs one 10k x 1024 x 10k matmul
+instead of the reference's 10^8 Python-level comparisons.
 """
 
 from __future__ import annotations
@@ -80,72 +78,33 @@ def distance_matrix(img: Tensor, rec: Tensor, metric: str = "euclidean") -> Tens
     return -(img @ rec.T)
 
 
-def _score_factors(img: Tensor, rec: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    """``(X, Y)`` with ``X @ Y.T`` = similarity (larger = closer), float32.
-
-    ``euclidean`` appends two columns so that the product is ``-|x - y|^2 / 2`` itself: the
-    norm terms ride along in the matmul, and rows and columns can both be compared with the
-    diagonal without per-entry offsets.
-    """
-    img, rec = img.float(), rec.float()
-    if metric == "cosine":
-        return torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(rec, dim=1)
-    if metric == "dot":
-        return img, rec
-    ones = img.new_ones(img.shape[0], 1)
-    half_i = img.pow(2).sum(1, keepdim=True) * 0.5
-    half_r = rec.pow(2).sum(1, keepdim=True) * 0.5
-    return torch.cat([img, -half_i, ones], 1), torch.cat([rec, ones, -half_r], 1)
-
-
 def pair_ranks(
     img: Tensor, rec: Tensor, metric: str = "euclidean", chunk: int = 2048
 ) -> tuple[Tensor, Tensor]:
     """Ranks of the true matches for aligned ``img[i] <-> rec[i]`` (1 = best).
 
-    rank = 1 + the number of gallery items with a strictly larger similarity than the match
-    (ties favour the match). One float32 matmul per block of ``chunk`` query rows gives the
-    similarities; the block is compared with the diagonal row-wise (i2r) and column-wise (r2i),
-    and the comparisons are counted with a matrix-vector product, so no ``N x N`` matrix is
-    ever held and nothing is sorted.
-
     Args:
         img: ``(N, D)`` image embeddings.
         rec: ``(N, D)`` recipe embeddings of the same items, same order.
         metric: ``euclidean`` (SEJE), ``cosine`` or ``dot``.
-        chunk: Rows per block; memory is about ``2 * chunk * N * 4`` bytes on top of the inputs.
+        chunk: Rows compared at a time (bounds the boolean temporaries to ``chunk x N``).
 
     Returns:
         ``(ranks_i2r, ranks_r2i)``, int64 ``(N,)`` each.
     """
     if img.shape != rec.shape or img.dim() != 2:
         raise ValueError(f"need two (N, D) tensors of equal shape, got {img.shape}, {rec.shape}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    x, y = _score_factors(img, rec, metric)
-    n = x.shape[0]
-    if n >= 2**24:
-        raise ValueError(f"bags of {n} items exceed the exact float32 counts (< 2^24)")
-    chunk = max(1, min(chunk, n))
-    # The diagonal comes from small matmuls rather than a row-wise sum, so the match and a
-    # bitwise-identical gallery item get the same arithmetic and tie exactly.
-    diag = torch.cat([(x[s : s + 256] @ y[s : s + 256].T).diagonal() for s in range(0, n, 256)])
-    i2r = torch.empty(n, dtype=torch.float32, device=x.device)
-    r2i = torch.zeros(n, dtype=torch.float32, device=x.device)
-    sim = x.new_empty(chunk, n)
-    hit = x.new_empty(chunk, n)
-    ones_n = x.new_ones(n)
+    d = distance_matrix(img, rec, metric)
+    diag = d.diagonal().clone()
+    n = d.shape[0]
+    i2r = torch.empty(n, dtype=torch.long, device=d.device)
+    r2i = torch.zeros(n, dtype=torch.long, device=d.device)
     for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        blk, ind = sim[: e - s], hit[: e - s]
-        torch.mm(x[s:e], y.T, out=blk)
-        # comparisons written as 0/1 floats and summed by a matrix-vector product: several
-        # times faster than summing a bool tensor, and exact (counts stay far below 2^24)
-        torch.gt(blk, diag[s:e, None], out=ind)
-        torch.mv(ind, ones_n, out=i2r[s:e])
-        torch.gt(blk, diag[None, :], out=ind)
-        r2i.addmv_(ind.T, ones_n[: e - s])
-    return i2r.long() + 1, r2i.long() + 1
+        block = d[s : s + chunk]
+        # the diagonal entry itself is never strictly smaller than itself
+        i2r[s : s + chunk] = (block < diag[s : s + chunk, None]).sum(1, dtype=torch.int32)
+        r2i += (block < diag[None, :]).sum(0, dtype=torch.int32)
+    return i2r + 1, r2i + 1
 
 
 def rank_summary(ranks: Tensor | np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
