@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,7 +129,29 @@ JOINT_RUN = [
 ]
 SHARED = ("data.num_", "logger", "~callbacks.sample", "final_", "test=", "trainer.", "model.num")
 JOINT_RUN += [o for o in RUN if o.startswith((*SHARED, "callbacks.step", "resume"))]
-RUNS = {"nvae": RUN, "joint": JOINT_RUN}
+# SEJE (manual optimisation with the discriminator's own optimiser, plateau lr schedule)
+SEJE_RUN = [
+    "experiment=seje_synthetic",
+    "data.synthetic.num_recipes=120",
+    "data.synthetic.image_size=24",
+    "data.vocab.train.vector_size=8",
+    "data.vocab.train.epochs=1",
+    "data.image_size=16",
+    "data.resize=20",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "model.net.word_dim=8",
+    "model.net.cnn_width=4",
+    "model.net.embed_dim=16",
+    "model.net.sentence_hidden=8",
+    "model.net.instr_hidden=8",
+    "model.val_bag_size=10",
+    "model.val_bags=2",
+    "~callbacks.progress_bar",
+    "~callbacks.model_summary",
+    "~callbacks.seje_media",
+] + [o for o in RUN if o.startswith(("logger", "test=", "trainer.", "callbacks.step", "resume"))]
+RUNS = {"nvae": RUN, "joint": JOINT_RUN, "seje": SEJE_RUN}
 
 
 def _train_cmd(root: Path, run: list[str] = RUN) -> tuple[list[str], dict]:
@@ -159,7 +182,9 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path, family):
 
     root = tmp_path / "cli"
     root.mkdir()
-    cmd, env = _train_cmd(root, run_args)
+    # the reference's data folder: SEJE's word2vec vectors differ between processes (gensim
+    # seeds them with the salted str hash), so both runs must read the same generated files
+    cmd, env = _train_cmd(root, [*run_args, f"paths.data_dir={tmp_path / 'shared_data'}"])
     proc = subprocess.Popen(
         cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -177,11 +202,13 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path, family):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resume=auto: continuing the run in {run}" in res.stderr
     # killed right after the first step checkpoint: resumed mid-epoch from it
-    assert "resume=auto: resuming from" in res.stdout and "step_0000002.ckpt" in res.stdout
+    assert "resume=auto: resuming from" in res.stdout
+    assert re.search(r"step_\d{7}\.ckpt", res.stdout)
     assert list(root.glob("logs/train/runs/*")) == [run]  # no second run folder
 
     summary, state = _final(run)
-    assert summary["global_step"] == ref_summary["global_step"] == 6
+    assert summary["global_step"] == ref_summary["global_step"]
+    assert family == "seje" or summary["global_step"] == 6
     for k, v in state.items():
         assert torch.equal(v, ref_state[k]), k
     # validation metrics are exact; the epoch means of training metrics are not compared:
