@@ -37,6 +37,10 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> pl.Trainer
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     kwargs = {"callbacks": callbacks, "logger": loggers or False, "plugins": plugins}
     trainer_cfg = OmegaConf.to_container(tcfg, resolve=True)
+    if trainer_cfg.get("strategy") == "ddp" and cfg.get("ddp_find_unused_parameters"):
+        # SEJE steps its discriminator and its encoders with separate backward passes, so
+        # each pass leaves the other's parameters without gradients, which plain DDP refuses
+        trainer_cfg["strategy"] = "ddp_find_unused_parameters_true"
     if trainer_cfg.get("precision") is None:
         trainer_cfg.pop("precision", None)
     return instantiate(trainer_cfg, **kwargs)
