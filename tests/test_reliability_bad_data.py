@@ -217,7 +217,9 @@ def test_image_folder_modes_and_sizes(tmp_path, channels):
         data_dir=str(tmp_path), image_size=8, channels=channels, val_fraction=0.3, **LOADER_ARGS
     )
     load_all(dm, (channels, 8, 8), 1)
-    (path,) = [p for s in ("train", "val") for p in dm.dataset(s).source.paths if "16" in p]
+    # the 16-bit file, by its own name (the tmp folder's path may contain "16" too)
+    paths = [p for s in ("train", "val") for p in dm.dataset(s).source.paths]
+    (path,) = [p for p in paths if "16" in Path(p).name]
     split = "train" if path in dm.dataset("train").source.paths else "val"
     item = dm.dataset(split).source.paths.index(path)
     x = dm.dataset(split).source[item][0]
