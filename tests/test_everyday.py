@@ -30,8 +30,9 @@ def app_help(name: str, capsys, monkeypatch) -> str:
 def test_help_lists_groups_options_and_common_runs(name, capsys, monkeypatch):
     text = app_help(name, capsys, monkeypatch)
     assert text.startswith(f"jointgen-{name}")
-    for line in ("model: joint, nvae, seje", "experiment: joint_recipe1m, joint_shapes,", "logger: csv, none,",
-                 "hardware: cpu, ddp_cpu, gpu,", "model/image_branch: conv, nvae"):  # fmt: skip
+    for line in ("model: joint, nvae, seje", "experiment: joint_recipe1m, joint_shapes,",
+                 "logger: csv, none,", "hardware: cpu, ddp_cpu, gpu,",
+                 "model/image_branch: conv, nvae"):  # fmt: skip
         assert line in text, line
     assert "Common runs:" in text and f"  jointgen-{name} " in text
     assert "--cfg job" in text and "--multirun" in text
