@@ -42,28 +42,35 @@ def _cli(args: list[str], root: Path, timeout: int = 600) -> subprocess.Complete
     )
 
 
-def test_ddp_cpu_matches_one_process_with_the_same_global_batch(tmp_path):
-    single = compose_cfg("train", PARITY + ["data.batch_size=16"], tmp_path / "single")
+def _parity_update(tmp_path: Path, overrides: list[str]) -> tuple[torch.Tensor, ...]:
+    """Initial weights and the weights after 3 steps: one process with batch 16, and
+    ``hardware=ddp_cpu`` with 8 per rank (the same global batch)."""
+    single = compose_cfg("train", overrides + ["data.batch_size=16"], tmp_path / "single")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is faster than contended ones
     try:
         run_train(single)
     finally:
         torch.set_num_threads(threads)
-    res = _cli(["hardware=ddp_cpu", "data.batch_size=8", *PARITY], tmp_path)
+    res = _cli(["hardware=ddp_cpu", "data.batch_size=8", *overrides], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-
-    def params(path: Path) -> torch.Tensor:
-        state = torch.load(path, weights_only=True)["state_dict"]
-        return torch.cat([state[k].flatten() for k in names])
 
     pl.seed_everything(single.seed)
     init = instantiate(single.model)  # the same seed gives the runs' initial weights
     names = [n for n, _ in init.named_parameters()]
     theta0 = torch.cat([p.detach().flatten() for p in init.parameters()])
+
+    def params(path: Path) -> torch.Tensor:
+        state = torch.load(path, weights_only=True)["state_dict"]
+        return torch.cat([state[k].flatten() for k in names])
+
     one = params(Path(single.paths.output_dir) / "checkpoints" / "step_0000003.ckpt")
     (two_path,) = tmp_path.glob("logs/train/runs/*/checkpoints/step_0000003.ckpt")
-    two = params(two_path)
+    return theta0, one, params(two_path)
+
+
+def test_ddp_cpu_matches_one_process_with_the_same_global_batch(tmp_path):
+    theta0, one, two = _parity_update(tmp_path, PARITY)
     # Both see the same 16 images per step (one sampler permutation, split 8 + 8 by
     # DistributedSampler) and DDP averages the two half-batch gradients. They still differ:
     # BatchNorm normalises each rank's 8 images with their own statistics (SyncBatchNorm is
@@ -133,28 +140,7 @@ JOINT_PARITY = [
 
 
 def test_ddp_cpu_matches_one_process_for_the_joint_vae(tmp_path):
-    single = compose_cfg("train", JOINT_PARITY + ["data.batch_size=16"], tmp_path / "single")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_train(single)
-    finally:
-        torch.set_num_threads(threads)
-    res = _cli(["hardware=ddp_cpu", "data.batch_size=8", *JOINT_PARITY], tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-
-    pl.seed_everything(single.seed)
-    init = instantiate(single.model)
-    names = [n for n, _ in init.named_parameters()]
-    theta0 = torch.cat([p.detach().flatten() for p in init.parameters()])
-
-    def params(path: Path) -> torch.Tensor:
-        state = torch.load(path, weights_only=True)["state_dict"]
-        return torch.cat([state[k].flatten() for k in names])
-
-    one = params(Path(single.paths.output_dir) / "checkpoints" / "step_0000003.ckpt")
-    (two_path,) = tmp_path.glob("logs/train/runs/*/checkpoints/step_0000003.ckpt")
-    two = params(two_path)
+    theta0, one, two = _parity_update(tmp_path, JOINT_PARITY)
     # no BatchNorm here: the runs differ only by each rank's own latent noise
     moved, diff = (one - theta0).norm(), (two - one).norm()
     assert diff < 0.25 * moved, (diff / moved).item()
