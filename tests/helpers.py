@@ -34,6 +34,23 @@ TINY_OVERRIDES = [
 ]
 
 
+# SEJE on a tiny synthetic Recipe1M: images, word vectors and encoders small enough for a CPU
+# test (each test adds its recipe count, batch and callbacks)
+SEJE_TINY_NET = [
+    "experiment=seje_synthetic",
+    "data.synthetic.image_size=24",
+    "data.vocab.train.vector_size=8",
+    "data.vocab.train.epochs=1",
+    "data.image_size=16",
+    "data.resize=20",
+    "model.net.word_dim=8",
+    "model.net.cnn_width=4",
+    "model.net.embed_dim=16",
+    "model.net.sentence_hidden=8",
+    "model.net.instr_hidden=8",
+]
+
+
 def compose_cfg(name: str, overrides: list[str], tmp_path: Path):
     """Compose ``conf/<name>.yaml`` with outputs and data under ``tmp_path``."""
     with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 
-from helpers import TINY_OVERRIDES, compose_cfg
+from helpers import SEJE_TINY_NET, TINY_OVERRIDES, compose_cfg
 from jointgen.train import run_train
 
 TESTS = Path(__file__).resolve().parent
@@ -148,20 +148,9 @@ def test_ddp_cpu_matches_one_process_for_the_joint_vae(tmp_path):
 
 
 # SEJE (manual optimisation, two optimisers): the same check for the third family
-SEJE_PARITY = [
-    "experiment=seje_synthetic",
+SEJE_PARITY = SEJE_TINY_NET + [
     "data.synthetic.num_recipes=120",
-    "data.synthetic.image_size=24",
-    "data.vocab.train.vector_size=8",
-    "data.vocab.train.epochs=1",
-    "data.image_size=16",
-    "data.resize=20",
     "data.num_workers=0",
-    "model.net.word_dim=8",
-    "model.net.cnn_width=4",
-    "model.net.embed_dim=16",
-    "model.net.sentence_hidden=8",
-    "model.net.instr_hidden=8",
     "logger=none",
     "~callbacks.progress_bar",
     "~callbacks.model_summary",

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import TINY_OVERRIDES, compose_cfg
+from helpers import SEJE_TINY_NET, TINY_OVERRIDES, compose_cfg
 from jointgen.train import run_train
 from jointgen.utils.checkpoint import AtomicCheckpointIO
 from jointgen.utils.checks import ConfigError
@@ -130,27 +130,20 @@ JOINT_RUN = [
 SHARED = ("data.num_", "logger", "~callbacks.sample", "final_", "test=", "trainer.", "model.num")
 JOINT_RUN += [o for o in RUN if o.startswith((*SHARED, "callbacks.step", "resume"))]
 # SEJE (manual optimisation with the discriminator's own optimiser, plateau lr schedule)
-SEJE_RUN = [
-    "experiment=seje_synthetic",
-    "data.synthetic.num_recipes=120",
-    "data.synthetic.image_size=24",
-    "data.vocab.train.vector_size=8",
-    "data.vocab.train.epochs=1",
-    "data.image_size=16",
-    "data.resize=20",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "model.net.word_dim=8",
-    "model.net.cnn_width=4",
-    "model.net.embed_dim=16",
-    "model.net.sentence_hidden=8",
-    "model.net.instr_hidden=8",
-    "model.val_bag_size=10",
-    "model.val_bags=2",
-    "~callbacks.progress_bar",
-    "~callbacks.model_summary",
-    "~callbacks.seje_media",
-] + [o for o in RUN if o.startswith(("logger", "test=", "trainer.", "callbacks.step", "resume"))]
+SEJE_RUN = (
+    SEJE_TINY_NET
+    + [
+        "data.synthetic.num_recipes=120",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "model.val_bag_size=10",
+        "model.val_bags=2",
+        "~callbacks.progress_bar",
+        "~callbacks.model_summary",
+        "~callbacks.seje_media",
+    ]
+    + [o for o in RUN if o.startswith(("logger", "test=", "trainer.", "callbacks.step", "resume"))]
+)
 RUNS = {"nvae": RUN, "joint": JOINT_RUN, "seje": SEJE_RUN}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_OVERRIDES, compose_cfg
+from helpers import SEJE_TINY_NET, TINY_OVERRIDES, compose_cfg
 from jointgen.train import run_train
 from test_joint_train import JOINT_TINY
 
@@ -173,21 +173,10 @@ def test_joint_dashboard(offline_wandb):
     assert len(t["data"]) == 4
 
 
-SEJE_TINY = [
-    "experiment=seje_synthetic",
+SEJE_TINY = SEJE_TINY_NET + [
     "trainer.max_epochs=1",
     "data.synthetic.num_recipes=150",
-    "data.synthetic.image_size=24",
-    "data.vocab.train.vector_size=8",
-    "data.vocab.train.epochs=1",
-    "data.image_size=16",
-    "data.resize=20",
     "data.batch_size=16",
-    "model.net.word_dim=8",
-    "model.net.cnn_width=4",
-    "model.net.embed_dim=16",
-    "model.net.sentence_hidden=8",
-    "model.net.instr_hidden=8",
     "model.val_bag_size=10",
     "model.val_bags=2",
     "model.test_bag_sizes=[10]",
