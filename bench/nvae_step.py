@@ -106,11 +106,16 @@ def run_one(name: str, steps: int, warmup: int, opts: dict) -> dict:
     x = x.round() if net.decoder_dist == "bernoulli" else torch.round(x * 255) / 255
     base_gb = _rss_gb()
 
-    def step():
+    def training_loss():
+        # like NVAEModule.training_step: the forward's outputs (pixel distribution, per-group
+        # records) go out of scope when the loss is returned, before backward runs
         out = fwd(x)
         recon = -net.log_likelihood(out, x)
         kl, _ = balanced_kl(out.kl, alphas, 0.5)
-        loss = (recon + 0.5 * kl).mean() + 1e-2 * sr(net) + 1e-2 * bn_loss(net)
+        return (recon + 0.5 * kl).mean() + 1e-2 * sr(net) + 1e-2 * bn_loss(net)
+
+    def step():
+        loss = training_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
