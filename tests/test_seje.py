@@ -22,6 +22,7 @@ from jointgen.models.seje import (
     triplet_loss,
 )
 from jointgen.models.seje.image import class_name_tokens
+from jointgen.models.seje.net import private_rng
 
 TINY = dict(
     image_encoder="small_cnn",
@@ -203,6 +204,38 @@ class TestNetwork:
         assert dst.sizes() == {"vocab_size": 30, "num_keyterms": 12, "num_classes": 3}
         with pytest.raises(ValueError, match="vocab_size=30 but the data has 31"):
             dst.check_sizes(31, 12, 3)
+
+    def test_seeded_build_ignores_earlier_draws_and_leaves_the_global_stream(self):
+        def built(draws: int, seed: int | None = 7) -> tuple[dict, torch.Tensor]:
+            torch.manual_seed(0)
+            net = SEJE(**TINY)  # the data-independent parts: from the global stream
+            torch.rand(draws)  # whatever ran before the data were known
+            net.build(30, 12, 3, keyterm_word_ids=torch.arange(12) + 2, seed=seed)
+            return net.state_dict(), torch.rand(3)  # the next global draws
+
+        a, next_a = built(0)
+        b, next_b = built(5)
+        assert all(torch.equal(a[k], b[k]) for k in a)  # the same weights...
+        torch.manual_seed(0)
+        SEJE(**TINY)
+        assert torch.equal(next_a, torch.rand(3))  # ...and the build drew nothing globally
+        assert not torch.equal(built(0, seed=8)[0]["semantic.weight"], a["semantic.weight"])
+        unseeded, _ = built(0, seed=None)  # None: the global stream, as before
+        assert not torch.equal(unseeded["semantic.weight"], a["semantic.weight"])
+        # a stream of its own, not a replay of torch.manual_seed(seed)'s first numbers
+        with private_rng(7):
+            own = torch.rand(4)
+        with private_rng(7):
+            assert torch.equal(torch.rand(4), own)
+        torch.manual_seed(7)
+        assert not torch.equal(torch.rand(4), own)
+
+    def test_building_from_a_state_dict_leaves_the_global_stream(self):
+        src = SEJE(**TINY, vocab_size=30, num_keyterms=12, num_classes=3)
+        dst = SEJE(**TINY)
+        state = torch.get_rng_state()
+        dst.build_from_state_dict(src.state_dict())
+        assert torch.equal(torch.get_rng_state(), state)
 
     def test_wrong_word_vector_width_is_a_clear_error(self):
         with pytest.raises(ValueError, match="word_dim must equal"):

@@ -187,6 +187,7 @@ def test_experiment_configs_compose(tmp_path, experiment):
     else:
         model = instantiate(cfg.model)
         assert isinstance(model, SEJELitModule) and not model.net.built
+        assert model.hparams.init_seed == cfg.seed  # the data-sized parts' own seed
         path = tmp_path / "hparams.pt"  # Hydra containers would break weights_only loading
         torch.save(dict(model.hparams), path)
         assert torch.load(path, weights_only=True)["plateau"]["lr_patience"] == 3

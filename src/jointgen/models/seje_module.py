@@ -109,6 +109,11 @@ class SEJELitModule(LightningModule):
             ``category_class_names``, a text file of its class names); None = f_cat off.
         category_class_names: See above.
         max_bad_steps: Consecutive non-finite losses (each skipped) before stopping.
+        init_seed: Seed of the initial weights of the data-sized parts (recipe encoder,
+            semantic branch, f_cat), built in ``configure_model`` once the data are known: they
+            depend on it alone, not on what ran since seeding (data preparation, Lightning's
+            DDP reseeding), so one process and every DDP rank start alike. The configs pass
+            the run's ``seed``; None draws them from the global RNG stream.
     """
 
     def __init__(
@@ -138,6 +143,7 @@ class SEJELitModule(LightningModule):
         category_classifier: str | None = None,
         category_class_names: str | None = None,
         max_bad_steps: int = 20,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         if adv_loss not in ADV_LOSSES:
@@ -187,7 +193,7 @@ class SEJELitModule(LightningModule):
                 except ValueError as e:
                     raise ConfigError(str(e)) from None
             else:
-                self.net.build(*sizes, **self._data_tensors(dm))
+                self.net.build(*sizes, **self._data_tensors(dm), seed=self.hparams.init_seed)
         # only when fitting: a restored checkpoint overwrites them anyway, and evaluation must
         # not need the ImageNet file
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"

@@ -15,14 +15,36 @@ construction and the rest by :meth:`SEJE.build` (the LightningModule calls it fr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 from jointgen.models.seje.image import ImageCategoryVector, ImageEncoder
 from jointgen.models.seje.losses import Discriminator
 from jointgen.models.seje.text import RecipeEncoder
+
+
+@contextmanager
+def private_rng(seed: int | None = None) -> Iterator[None]:
+    """Run the block on a copy of torch's CPU generator and restore it afterwards.
+
+    Parameters created inside take their random numbers from a stream of their own, and
+    whatever draws next outside sees the global stream as if the block had not run. With
+    ``seed`` the copy is reseeded first, from a value mixed out of ``seed`` (so its numbers
+    are not those ``torch.manual_seed(seed)`` gave the parts built earlier); the block's draws
+    are then a function of ``seed`` alone. CUDA generators are not touched (modules are built
+    on the CPU).
+    """
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            mixed = np.random.SeedSequence([int(seed) % 2**63, 0x5E7E]).generate_state(1)
+            torch.manual_seed(int(mixed[0]))
+        yield
 
 
 @dataclass
@@ -152,8 +174,15 @@ class SEJE(nn.Module):
         keyterm_word_ids: Tensor | None = None,
         category_tokens: Tensor | None = None,
         category_state: dict | None = None,
+        seed: int | None = None,
     ) -> None:
         """Create the data-sized parts (recipe encoder, semantic branch, f_cat classifier).
+
+        They are built after the data are known, i.e. after whatever the caller ran since
+        seeding (data preparation; Lightning's DDP reseeds every process at setup). With
+        ``seed`` their initial weights depend on it alone (see :func:`private_rng`): one
+        process and every DDP rank build the same weights, and the global RNG stream is left
+        unchanged. None: they draw from the global stream, as any module does.
 
         Args:
             vocab_size: Word ids (word2vec rows + 2).
@@ -164,6 +193,7 @@ class SEJE(nn.Module):
             category_tokens: ``(C_img, T)`` word ids of the image classifier's class names;
                 with ``category_state`` this switches f_cat on.
             category_state: State dict of the image classifier (``category_arch``).
+            seed: Seed of the new parts' initial weights, or None (see above).
         """
         if self.built:
             raise RuntimeError("the SEJE network is already built")
@@ -171,23 +201,26 @@ class SEJE(nn.Module):
             if value < (3 if key == "vocab_size" else 1):
                 raise ValueError(f"{key} is {value}: the data has no words/key terms")
         self._num_keyterms = num_keyterms
-        self.recipe = RecipeEncoder(
-            vocab_size,
-            num_keyterms,
-            word_vectors=word_vectors,
-            keyterm_word_ids=keyterm_word_ids,
-            **self.recipe_kwargs,
-        )
-        self.semantic = nn.Linear(self.embed_dim, max(1, num_classes))  # shared by v and r
-        if category_tokens is not None:
-            self.category = ImageCategoryVector(
-                self.category_arch, category_tokens.shape[0], category_tokens, self.cnn_width
+        with nullcontext() if seed is None else private_rng(seed):
+            self.recipe = RecipeEncoder(
+                vocab_size,
+                num_keyterms,
+                word_vectors=word_vectors,
+                keyterm_word_ids=keyterm_word_ids,
+                **self.recipe_kwargs,
             )
-            if category_state is not None:
-                self.category.classifier.load_state_dict(category_state)
+            self.semantic = nn.Linear(self.embed_dim, max(1, num_classes))  # shared by v and r
+            if category_tokens is not None:
+                self.category = ImageCategoryVector(
+                    self.category_arch, category_tokens.shape[0], category_tokens, self.cnn_width
+                )
+                if category_state is not None:
+                    self.category.classifier.load_state_dict(category_state)
 
     def build_from_state_dict(self, state: dict, prefix: str = "") -> None:
-        """Build with the sizes found in a state dict (values are loaded afterwards)."""
+        """Build with the sizes found in a state dict (values are loaded afterwards, so the
+        throw-away initialisation runs on a private generator: the global stream is left as
+        it was)."""
         words = state[f"{prefix}recipe.words.weight"]
         kt = self.recipe_kwargs["keyterm_encoder"]
         if kt == "word2vec":
@@ -197,11 +230,12 @@ class SEJE(nn.Module):
         else:
             num_kt = 1
         tokens = state.get(f"{prefix}category.class_tokens")
-        self.build(words.shape[0], num_kt, state[f"{prefix}semantic.weight"].shape[0])
-        if tokens is not None:
-            self.category = ImageCategoryVector(
-                self.category_arch, tokens.shape[0], tokens, self.cnn_width
-            )
+        with private_rng():
+            self.build(words.shape[0], num_kt, state[f"{prefix}semantic.weight"].shape[0])
+            if tokens is not None:
+                self.category = ImageCategoryVector(
+                    self.category_arch, tokens.shape[0], tokens, self.cnn_width
+                )
 
     def check_sizes(self, vocab_size: int, num_keyterms: int, num_classes: int) -> None:
         """Raise ``ValueError`` naming the first size that differs from the data's."""
