@@ -126,6 +126,17 @@ class TestCategoryAndAdversarial:
         ce_v, _ = category_loss(lv, lr, torch.zeros(4, dtype=torch.long), ignore_index=0)
         assert ce_v.item() == 0.0
 
+    def test_category_loss_count_makes_the_mean_of_halves_the_global_mean(self):
+        # DDP: each rank divides by (labelled items of the global batch) / world, so the mean
+        # of the ranks' losses (and gradients) is the global batch's, however the labelled
+        # items fall
+        lv, lr = torch.randn(8, 3), torch.randn(8, 3)
+        y = torch.tensor([0, 1, 2, 1, 0, 0, 0, 2])  # 3 labelled in the first half, 1 after
+        full, _ = category_loss(lv, lr, y, ignore_index=0)
+        count = (y != 0).sum() / 2
+        halves = [category_loss(lv[h], lr[h], y[h], 0, count)[0] for h in (slice(4), slice(4, 8))]
+        assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(full.item())
+
     def test_gradient_penalty_closed_form_on_linear_critic(self):
         critic = nn.Linear(5, 1)
         with torch.no_grad():

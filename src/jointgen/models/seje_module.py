@@ -114,6 +114,10 @@ class SEJELitModule(LightningModule):
             depend on it alone, not on what ran since seeding (data preparation, Lightning's
             DDP reseeding), so one process and every DDP rank start alike. The configs pass
             the run's ``seed``; None draws them from the global RNG stream.
+
+    Under DDP the batch-hard triplet loss is computed over the global batch (every rank's
+    embeddings, gathered), as one process with the same global batch would; see
+    :meth:`_global_batch`.
     """
 
     def __init__(
@@ -231,25 +235,63 @@ class SEJELitModule(LightningModule):
 
     # --- training -------------------------------------------------------------------------
 
-    def _losses(self, out, batch) -> tuple[torch.Tensor, dict]:
+    def _world(self) -> tuple[int, int]:
+        """``(world size, global rank)``; ``(1, 0)`` outside a distributed run."""
+        if self._trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    def _global_batch(self, *local: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor of this rank's batch extended to the global batch: every rank's rows in
+        rank order (all ranks have the same batch size in training). Only this rank's rows
+        carry a gradient. One process: the tensors unchanged.
+
+        Batch-hard mining needs the whole batch: within each rank's share the hardest
+        negatives would be drawn from 1/world of the candidates, a different (easier) loss
+        than one process with the same global batch.
+        """
+        world, rank = self._world()
+        if world == 1:
+            return list(local)
+        out = []
+        for t in local:
+            parts = list(self.all_gather(t).unbind(0))  # (world, B, ...), without gradient
+            parts[rank] = t
+            out.append(torch.cat(parts))
+        return out
+
+    def _losses(self, out, batch) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """``(loss, terms, objective)``: the loss to log, its terms, and what to
+        differentiate (the loss itself in one process)."""
         h = self.hparams
+        world = self._world()[0]
+        img, rec, labels = self._global_batch(out.img, out.rec, batch["category"])
         tri, stats = triplet_loss(
-            out.img, out.rec, batch["category"], h.gamma, h.margin, h.negatives, h.triplet,
-            h.unknown_class,
-        )  # fmt: skip
+            img, rec, labels, h.gamma, h.margin, h.negatives, h.triplet, h.unknown_class
+        )
         terms = {"triplet": tri, **stats}
         loss = tri
+        # every rank computes the same global triplet loss but differentiates it through its
+        # own rows only, and DDP averages the ranks' gradients: scaled by the world size, that
+        # average is the sum of the ranks' parts, one process's gradient over the global batch
+        objective = world * tri
         if h.category_weight > 0:
+            ignore = h.category_ignore_index
+            count = None  # one process: the batch's labelled items
+            if world > 1 and ignore is not None:  # global count: DDP's mean is then exact
+                count = (labels != ignore).sum().clamp_min(1) / world
             ce_v, ce_r = category_loss(
-                out.logits_img, out.logits_rec, batch["category"], h.category_ignore_index
+                out.logits_img, out.logits_rec, batch["category"], ignore, count
             )
             loss = loss + h.category_weight * (ce_v + ce_r)
+            objective = objective + h.category_weight * (ce_v + ce_r)
             terms |= {"ce_img": ce_v, "ce_rec": ce_r}
         if h.adv_loss != "none" and h.adv_weight > 0:
             g = generator_loss(self.net.discriminator, out.rec, h.adv_loss)
             loss = loss + h.adv_weight * g
+            objective = objective + h.adv_weight * g
             terms["adv_g"] = g
-        return loss, terms
+        return loss, terms, objective
 
     def training_step(self, batch: dict, batch_idx: int):
         opt, d_opt = self.optimizers()
@@ -265,13 +307,13 @@ class SEJELitModule(LightningModule):
                 self.manual_backward(d_loss)
                 d_opt.step()
             terms["adv_d"] = d_loss
-        loss, more = self._losses(out, batch)
+        loss, more, objective = self._losses(out, batch)
         terms |= more
         if not torch.isfinite(loss):
             return self._skip(terms)
         self.bad_steps = 0
         opt.zero_grad()
-        self.manual_backward(loss)
+        self.manual_backward(objective)
         opt.step()
         bs = batch["image"].shape[0]
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=True, prog_bar=True,

@@ -121,12 +121,18 @@ def triplet_loss(
 
 
 def category_loss(
-    logits_v: Tensor, logits_r: Tensor, labels: Tensor, ignore_index: int | None = None
+    logits_v: Tensor,
+    logits_r: Tensor,
+    labels: Tensor,
+    ignore_index: int | None = None,
+    count: Tensor | float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(CE(W v, y), CE(W r, y))`` with one shared classifier ``W`` (L_CA, spec §3.3).
 
     ``ignore_index`` drops a class (classes1M background, D6); a batch with only ignored
-    labels gives 0 rather than NaN.
+    labels gives 0 rather than NaN. ``count`` replaces the number of labelled items the summed
+    CE is divided by (with ``ignore_index``); under DDP the global count over the world size
+    makes the ranks' averaged gradients those of the mean over the global batch.
     """
 
     def ce(logits: Tensor) -> Tensor:
@@ -134,7 +140,7 @@ def category_loss(
             return F.cross_entropy(logits.float(), labels)
         keep = labels != ignore_index
         total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
-        return total / keep.sum().clamp_min(1)
+        return total / (keep.sum().clamp_min(1) if count is None else count)
 
     return ce(logits_v), ce(logits_r)
 
