@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--scale-mode", default="learned", help="learned | fixed | per_pixel")
     ap.add_argument("--cosine", action="store_true", help="cosine lr decay to 0 over --steps")
     ap.add_argument("--classifier", action="store_true", help="also read c2i with the CNN")
+    ap.add_argument("--decoder-coords", action="store_true", help="CoordConv decoder")
+    ap.add_argument("--cross-frozen", default="", help="e.g. img: no decoder grad from cross")
     ap.add_argument("--save", default=None, help="save the network's state_dict here")
     args = ap.parse_args()
 
@@ -62,12 +64,14 @@ def main() -> None:
     image = ConvImageBranch(
         32, 3, args.z_dim, args.w_dim, args.hidden, convs_per_level=args.convs_per_level,
         scale=args.scale_mode, derived_inputs=args.derived, full_res_convs=args.full_res,
+        decoder_coords=args.decoder_coords,
     )  # fmt: skip
     text = TextBranch(len(dm.vocab), 16, args.z_dim, 8, decoder=args.decoder)
     scale = args.scale  # a mode name, or explicit "img:1,txt:1000"
     if ":" in scale:
         scale = {k: float(v) for k, v in (kv.split(":") for kv in scale.split(","))}
-    net = JointVAE(image, text, fusion=args.fusion, likelihood_scale=scale)
+    frozen = tuple(m for m in args.cross_frozen.split(",") if m)
+    net = JointVAE(image, text, fusion=args.fusion, likelihood_scale=scale, cross_frozen=frozen)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     sched = None
     if args.cosine:
@@ -89,6 +93,11 @@ def main() -> None:
         with torch.no_grad():
             gen = net.caption_to_image(tokens)
             c2i = cross_coherence_txt2img(gen, attrs, args.level)
+            if args.w_dim:
+                aux = cross_coherence_txt2img(
+                    net.caption_to_image(tokens, aux_prior=True), attrs, args.level
+                )
+                print(f"  c2i with w ~ r(w): strict {aux['strict']:.3f}", flush=True)
             if clf is not None:
                 c2c = cross_coherence_txt2img(
                     gen, attrs, args.level, method="classifier", classifier=clf

@@ -27,7 +27,8 @@ from jointgen.models.joint import (
     resolve_likelihood_scales,
     word_dropout,
 )
-from jointgen.models.joint.objectives import BoundOptions, poe_bound
+from jointgen.models.joint.image_conv import AddCoords
+from jointgen.models.joint.objectives import BoundOptions, frozen_log_likelihood, poe_bound
 
 V, L, Z, W = 20, 6, 4, 2
 DECODERS = [
@@ -365,6 +366,26 @@ class TestConvImage:
         terms = branch.log_likelihood(x, z)
         assert terms.log_px.shape == (1, 2) and torch.isfinite(terms.log_px).all()
 
+    def test_decoder_coordinates(self):
+        h = AddCoords()(torch.zeros(2, 3, 4, 5))
+        assert h.shape == (2, 5, 4, 5)
+        torch.testing.assert_close(h[0, 3, 0], torch.linspace(-1, 1, 5))  # x along the width
+        torch.testing.assert_close(h[1, 4, :, 2], torch.linspace(-1, 1, 4))  # y along the height
+        torch.manual_seed(0)
+        opts = {"z_dim": Z, "w_dim": 0, "hidden_channels": 4, "full_res_convs": 1}
+        branch = ConvImageBranch(16, decoder_coords=True, **opts)
+        plain = ConvImageBranch(16, **opts)
+        n_coord = sum(isinstance(m, AddCoords) for m in branch.decoder)
+        convs = [
+            m for m in branch.decoder if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
+        ]
+        assert n_coord == len(convs) - 1  # every decoder conv but the final 1x1 reads them
+        assert sum(p.numel() for p in branch.parameters()) > sum(
+            p.numel() for p in plain.parameters()
+        )
+        out = branch.decode(torch.randn(3, Z))
+        assert out.shape == (3, 3, 16, 16) and 0 <= out.min() and out.max() <= 1
+
     def test_bad_arguments(self):
         with pytest.raises(ValueError, match="power of two"):
             ConvImageBranch(image_size=48)
@@ -508,6 +529,59 @@ class TestGeneration:
         assert {k: tuple(v.shape) for k, v in enc.items()} == {
             "z": (4, Z), "z_img": (4, Z), "w_img": (4, 3), "z_txt": (4, Z), "w_txt": (4, W)
         }  # fmt: skip
+
+
+class TestCrossOptions:
+    def test_frozen_log_likelihood_blocks_parameter_gradients_only(self):
+        torch.manual_seed(0)
+        branch = ConvImageBranch(8, z_dim=Z, w_dim=3, hidden_channels=4)
+        x = torch.rand(2, 3, 8, 8)
+        z = torch.randn(1, 2, Z, requires_grad=True)
+        torch.manual_seed(1)
+        ref = branch.log_likelihood(x, z, posterior=False)
+        torch.manual_seed(1)
+        got = frozen_log_likelihood(branch, x, z, posterior=False)
+        torch.testing.assert_close(got.log_px, ref.log_px)  # same value, same w draw
+        got.log_px.sum().backward()
+        assert z.grad is not None and z.grad.abs().sum() > 0  # z still learns
+        private = {n for n, _ in branch.named_parameters() if n.startswith("private.")}
+        for n, p in branch.named_parameters():
+            if n in private:  # the MMVAE+ auxiliary prior's scale learns from cross terms
+                assert p.grad is not None and p.grad.abs().sum() > 0, n
+            else:
+                assert p.grad is None or not p.grad.any(), n
+
+    def test_cross_frozen_changes_only_the_decoder_gradient(self):
+        batch = tiny_batch()
+        out, g = {}, {}
+        for frozen in [(), ("img",)]:
+            torch.manual_seed(0)
+            model = tiny_model(likelihood_scale="none", cross_frozen=frozen)
+            out[frozen] = run(model, batch)
+            g[frozen] = grads(model)
+        torch.testing.assert_close(out[()].loss, out[("img",)].loss)
+        for n in g[()]:
+            if n.startswith("branches.img.decoder"):
+                assert not torch.allclose(g[()][n], g[("img",)][n]), n
+            elif not n.startswith("branches.img"):  # the caption branch is untouched
+                torch.testing.assert_close(g[()][n], g[("img",)][n])
+        with pytest.raises(ValueError, match="cross_frozen"):
+            tiny_model("poe", cross_frozen=("img",))
+        with pytest.raises(ValueError, match="unknown modalities"):
+            tiny_model(cross_frozen=("audio",))
+
+    @pytest.mark.parametrize("aux", [False, True])
+    def test_caption_to_image_private_prior(self, aux, monkeypatch):
+        model = tiny_model(cross_aux_prior=aux).eval()
+        seen = []
+        private = model.branches["img"].private
+        original = private.prior_sample
+        monkeypatch.setattr(
+            private, "prior_sample", lambda *a, **k: seen.append(k["aux"]) or original(*a, **k)
+        )
+        model.caption_to_image(tiny_batch(B=2)["tokens"])
+        model.caption_to_image(tiny_batch(B=2)["tokens"], aux_prior=not aux)
+        assert seen == [aux, not aux]
 
 
 # --- short training sanity run --------------------------------------------------------------

@@ -48,13 +48,33 @@ LIKELIHOODS = ("laplace", "gaussian")
 SCALES = ("learned", "fixed", "per_pixel")
 
 
-def _extra_convs(channels: int, n: int) -> list[nn.Module]:
+class AddCoords(nn.Module):
+    """Appends the x and y pixel coordinates in [-1, 1] as two channels (CoordConv, Liu et al.,
+    NeurIPS 2018, arXiv 1807.03247): a conv can then place a shape's outline by position."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, _, hh, ww = h.shape
+        ys = torch.linspace(-1.0, 1.0, hh, device=h.device, dtype=h.dtype)
+        xs = torch.linspace(-1.0, 1.0, ww, device=h.device, dtype=h.dtype)
+        ys, xs = (
+            ys.view(1, 1, hh, 1).expand(b, 1, hh, ww),
+            xs.view(1, 1, 1, ww).expand(b, 1, hh, ww),
+        )
+        return torch.cat([h, xs, ys], dim=1)
+
+
+def _conv(c_in: int, c_out: int, coords: bool, transpose: bool = False, **kw) -> list[nn.Module]:
+    conv = nn.ConvTranspose2d if transpose else nn.Conv2d
+    return [AddCoords(), conv(c_in + 2, c_out, **kw)] if coords else [conv(c_in, c_out, **kw)]
+
+
+def _extra_convs(channels: int, n: int, coords: bool = False) -> list[nn.Module]:
     # GroupNorm, not BatchNorm: per-sample statistics keep masked placeholder images from
     # changing other samples' outputs
     layers: list[nn.Module] = []
     for _ in range(n):
         layers += [
-            nn.Conv2d(channels, channels, 3, padding=1),
+            *_conv(channels, channels, coords, kernel_size=3, padding=1),
             nn.GroupNorm(min(8, channels), channels),
             nn.SiLU(),
         ]
@@ -83,6 +103,7 @@ class ConvImageBranch(nn.Module):
         full_res_convs: 3x3 conv + GroupNorm + SiLU layers at the full image resolution, before
             the encoder's first down-sampling and after the decoder's last up-sampling (the
             outline of a small object is lost once the side is halved).
+        decoder_coords: every decoder conv also reads the pixel coordinates (``AddCoords``).
         family: posterior family of q(z | x) and q(w | x): ``normal`` or ``laplace``.
         free_bits: per-dimension KL floor for the closed-form KL of w (nats).
     """
@@ -102,6 +123,7 @@ class ConvImageBranch(nn.Module):
         free_bits: float = 0.0,
         derived_inputs: bool = False,
         full_res_convs: int = 0,
+        decoder_coords: bool = False,
     ) -> None:
         super().__init__()
         levels = int(round(math.log2(image_size / 4))) if image_size > 0 else 0
@@ -140,22 +162,24 @@ class ConvImageBranch(nn.Module):
         )
         self.head_w = nn.Linear(widths[-1] * 16, 2 * w_dim) if w_dim else None
 
+        co = decoder_coords
+        up = {"kernel_size": 4, "stride": 2, "padding": 1, "transpose": True}
         dec: list[nn.Module] = [
             nn.Linear(z_dim + w_dim, widths[-1] * 16),
             nn.SiLU(),
             nn.Unflatten(1, (widths[-1], 4, 4)),
-            *_extra_convs(widths[-1], convs_per_level),
+            *_extra_convs(widths[-1], convs_per_level, co),
         ]
         for c_in, c_out in zip(widths[::-1], widths[::-1][1:]):
-            dec += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU()]
-            dec += _extra_convs(c_out, convs_per_level)
+            dec += [*_conv(c_in, c_out, co, **up), nn.SiLU()]
+            dec += _extra_convs(c_out, convs_per_level, co)
         out_channels = channels * (2 if scale == "per_pixel" else 1)
         if full_res_convs:
             stem = hidden_channels // 2
-            dec += [nn.ConvTranspose2d(widths[0], stem, 4, stride=2, padding=1), nn.SiLU()]
-            dec += [*_extra_convs(stem, full_res_convs), nn.Conv2d(stem, out_channels, 1)]
+            dec += [*_conv(widths[0], stem, co, **up), nn.SiLU()]
+            dec += [*_extra_convs(stem, full_res_convs, co), nn.Conv2d(stem, out_channels, 1)]
         else:
-            dec += [nn.ConvTranspose2d(widths[0], out_channels, 4, stride=2, padding=1)]
+            dec += _conv(widths[0], out_channels, co, **up)
         self.decoder = nn.Sequential(*dec)
 
         log_scale = torch.full((channels, 1, 1), math.log(init_scale))

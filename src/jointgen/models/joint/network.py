@@ -12,7 +12,7 @@ nothing about training loops: a LightningModule calls ``forward(batch, kl_coeff)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +88,8 @@ class JointVAE(nn.Module):
         mopoe_sampling: str = "batch_split",
         free_bits: float = 0.0,
         poe_expert_weights: bool = False,
+        cross_aux_prior: bool = False,
+        cross_frozen: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
@@ -111,6 +113,13 @@ class JointVAE(nn.Module):
         if image.family == "laplace" and fusion not in ("moe", "mmvae_plus"):
             raise ValueError(f"laplace posteriors need fusion moe or mmvae_plus, got {fusion!r}")
         self.branches = nn.ModuleDict({"img": image, "txt": text})
+        self.cross_aux_prior = cross_aux_prior
+        unknown = set(cross_frozen) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"cross_frozen names unknown modalities {sorted(unknown)}")
+        if cross_frozen and fusion not in ("moe", "mmvae_plus"):
+            raise ValueError(f"cross_frozen needs fusion moe or mmvae_plus, got {fusion!r}")
+        self.cross_frozen = tuple(cross_frozen)
         self.fusion, self.prior_expert, self.objective = fusion, prior_expert, objective
         self.K, self.looser, self.beta, self.free_bits = K, looser, beta, free_bits
         self.mopoe_sampling, self.family, self.z_dim = mopoe_sampling, image.family, image.z_dim
@@ -150,6 +159,7 @@ class JointVAE(nn.Module):
         opts = BoundOptions(
             self.objective, self.K, self.looser, self.beta * kl_coeff, self.likelihood_scales,
             self.family, self.prior_expert, self._weights(), self.free_bits, self.mopoe_sampling,
+            self.cross_frozen,
         )  # fmt: skip
         if self.fusion in ("moe", "mmvae_plus"):
             bound, log = stratified_bound(self.branches, enc, opts, self.fusion == "mmvae_plus")
@@ -192,11 +202,15 @@ class JointVAE(nn.Module):
         }
 
     @torch.no_grad()
-    def caption_to_image(self, tokens: torch.Tensor, temp: float = 1.0) -> torch.Tensor:
-        """z ~ q(z | caption) (scale × temp; 0 gives the mean), w_img from its prior (MMVAE+:
-        the auxiliary prior) -> images ``(B, C, H, W)``."""
+    def caption_to_image(
+        self, tokens: torch.Tensor, temp: float = 1.0, *, aux_prior: bool | None = None
+    ) -> torch.Tensor:
+        """z ~ q(z | caption) (scale × temp; 0 gives the mean), w_img from its prior p(w), or
+        from the auxiliary prior r(w) when ``aux_prior`` (default: ``self.cross_aux_prior``)
+        -> images ``(B, C, H, W)``."""
         z = self._cross("txt", tokens, temp)
-        return self.branches["img"].generate(z, temp, aux_prior=self.fusion == "mmvae_plus")
+        aux = self.cross_aux_prior if aux_prior is None else aux_prior
+        return self.branches["img"].generate(z, temp, aux_prior=aux)
 
     @torch.no_grad()
     def image_to_caption(

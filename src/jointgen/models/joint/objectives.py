@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+from torch.func import functional_call
 
 from jointgen.models.joint.branch import BranchTerms
 from jointgen.models.joint.collapse import free_bits
@@ -92,6 +94,7 @@ class BoundOptions:
     expert_weights: list[torch.Tensor] | None = None
     free_bits: float = 0.0
     mopoe_sampling: str = "batch_split"
+    cross_frozen: tuple[str, ...] = ()  # decoders that take no parameter gradient from cross terms
 
 
 class TermLog:
@@ -202,13 +205,47 @@ def reduce_strata(
 # --- the three families of bounds -----------------------------------------------------------
 
 
-def _decode(branches, enc: Encoded, z, posterior: dict[str, bool], modalities, dreg: bool):
-    return {
-        n: branches[n].log_likelihood(
-            enc.x[n], z, enc.features[n], posterior=posterior[n], detach_posterior=dreg
-        )
-        for n in modalities
+class _Call(nn.Module):
+    """``branch.log_likelihood`` as a module's forward, for ``functional_call``."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, *args, **kwargs) -> Any:
+        return self.branch.log_likelihood(*args, **kwargs)
+
+
+def frozen_log_likelihood(branch: nn.Module, *args, **kwargs) -> Any:
+    """``branch.log_likelihood`` with the branch's parameters detached (the private latent's
+    own parameters excepted: the MMVAE+ auxiliary prior learns only from cross terms).
+    Gradients still reach z, so a cross term trains the other modality's encoder to put z
+    where this decoder, shaped by its own modality's reconstructions alone, draws the data
+    — instead of teaching the decoder to draw the blurred average of everything a caption
+    allows."""
+    params = {
+        f"branch.{k}": v if k.startswith("private.") else v.detach()
+        for k, v in branch.named_parameters()
     }
+    return functional_call(_Call(branch), params, args, kwargs, strict=False)
+
+
+def _decode(
+    branches, enc: Encoded, z, posterior: dict[str, bool], modalities, dreg: bool,
+    frozen: tuple[str, ...] = (),
+):  # fmt: skip
+    out = {}
+    for n in modalities:
+        call = frozen_log_likelihood if n in frozen else _plain_log_likelihood
+        out[n] = call(
+            branches[n], enc.x[n], z, enc.features[n], posterior=posterior[n],
+            detach_posterior=dreg,
+        )  # fmt: skip
+    return out
+
+
+def _plain_log_likelihood(branch: nn.Module, *args, **kwargs) -> Any:
+    return branch.log_likelihood(*args, **kwargs)
 
 
 def stratified_bound(
@@ -222,7 +259,8 @@ def stratified_bound(
     for m in MODALITIES:
         z = enc.experts[m].rsample(opts.K)
         posterior = {n: n == m or not plus for n in MODALITIES}
-        terms = _decode(branches, enc, z, posterior, MODALITIES, dreg)
+        frozen = tuple(n for n in opts.cross_frozen if n != m)
+        terms = _decode(branches, enc, z, posterior, MODALITIES, dreg, frozen)
         density = standard(opts.family, z[0]).log_prob(z) - density_q.log_prob(z)
         lws.append(log_weight(terms, enc.obs, density, posterior, opts, log, enc.obs[m], m, False))
         valid.append(enc.obs[m])
