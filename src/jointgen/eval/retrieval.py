@@ -12,16 +12,22 @@ Protocol (im2recipe, Salvador et al., CVPR 2017; kept by SEJE, ACME, H-T; spec `
   ranks, so 4.5 occurs; ``torch.median`` would take the lower one), R@K = % of ranks <= K;
   reported values are means over bags.
 
-The ranking is vectorised: one ``N x N`` distance matrix per bag from a matmul (``torch``
-threads), whose entries are compared with its diagonal row-wise (i2r) and column-wise (r2i), so
-both directions come from the same numbers. A 10k x 10k bag costs one 10k x 1024 x 10k matmul
-instead of the reference's 10^8 Python-level comparisons.
+Ranks are exact: the comparisons are decided in exact arithmetic on the float32 embeddings, so
+they do not depend on how a matmul is blocked or threaded, and i2r and r2i come from the same
+numbers. A bag is processed in row blocks (no ``N x N`` matrix): a fast matmul screens each
+block and every entry is counted only where a rigorous error bound decides it; the few entries
+near a threshold are re-checked in float32, float64, and exactly if still tied (see the comment
+above ``PRECISIONS``). On CPUs with native bfloat16 the screen is a bfloat16 matmul, twice as
+fast as float32; a 10k bag costs about one 10k x 1024 x 10k bfloat16 matmul instead of the
+reference's 10^8 Python-level comparisons.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,33 +84,559 @@ def distance_matrix(img: Tensor, rec: Tensor, metric: str = "euclidean") -> Tens
     return -(img @ rec.T)
 
 
+# --- exact ranks ---------------------------------------------------------------------------
+#
+# What is computed. For aligned pairs (a_i, b_i) the score of image i and recipe j is
+# s_ij = a_i.b_j - e_i - c_j, with e_i = |a_i|^2 / 2 and c_j = |b_j|^2 / 2 for ``euclidean``
+# (s_ij = -d_ij^2 / 2) and e = c = 0 for ``dot`` and ``cosine`` (after normalising in float32).
+# rank_i2r(i) = 1 + #{j != i : s_ij > s_ii} and rank_r2i(j) = 1 + #{i != j : s_ij > s_jj}, the
+# comparisons taken in exact real arithmetic on the float32 inputs. So the ranks do not depend on
+# how a matmul is blocked, threaded or vectorised, and both directions see the same numbers.
+#
+# How. Row blocks of the score matrix are screened with a fast matmul whose error is bounded
+# rigorously (below); an entry is counted only when its computed value is farther from the
+# threshold (the exact s_ii for i2r, s_jj for r2i) than the bound. The diagonal is excluded
+# explicitly. The few entries inside the band are re-checked with float32 dot products (bound
+# gamma_D |a||b|), then float64 ones, and any still undecided (ties) exactly: equal vectors are
+# ties, otherwise math.fsum of the exactly representable float64 products decides the sign.
+#
+# Screening bound, per entry, in score units. The operands are rounded to the screening type
+# (a = a^ + ra, b = b^ + rb), the norm terms and a centre kappa enter the same matmul as extra
+# columns (e and c split into exactly representable limbs), and the matmul accumulates in
+# float32 (bfloat16 and float32 screens; checked once per process for bfloat16) or float64:
+#   |out - (s_ij - kappa)| <= |ra_i||b_j| + |a^_i||rb_j|        (input rounding, Cauchy-Schwarz)
+#       + gamma_K (|a^_i||b^_j| + e_i + c_j + |kappa|)              (accumulation, any order)
+#       + limb residuals + float64 errors of e, c
+#       + 2^-120 K (1 + max|a| + max|b|)                             (subnormals, flushed or not)
+# gamma_K = K u / (1 - K u), u = 2^-24 (2^-53 for float64). The bfloat16 output rounding is
+# monotone, so comparing the rounded output with thresholds rounded outwards to bfloat16 is exact;
+# the centre kappa keeps outputs near the thresholds small, where bfloat16 steps are fine. Every
+# block also checks that its diagonal lies inside its own band (the exact value is known there).
+
+PRECISIONS = ("auto", "fp32", "bf16_checked")
+
+_U32 = 2.0**-24
+_U64 = 2.0**-53
+_SAFETY = 1.0 + 2.0**-10  # widens every screening band a little beyond the proven bound
+_ESCALATE = 0.08  # re-screen a block more precisely when more of its entries are ambiguous
+_BF16_MIN_N = 256  # "auto" screens smaller bags in float32 (no gain from bfloat16 there)
+_PAIR_CHUNK = 8192  # pairs per exact re-check step
+_ROWS = 1024  # rows per step of the per-row float64 sums
+
+
+def _gamma(k: int, u: float) -> float:
+    """Higham's gamma_k: relative bound of a k-term dot product in unit roundoff ``u``."""
+    return k * u / (1.0 - k * u)
+
+
+def _fp32_matmul_unit(device: torch.device) -> float:
+    """Unit roundoff of the operands inside a float32 matmul (0: exact float32 operands).
+
+    TF32 or bfloat16 internals (``torch.set_float32_matmul_precision``, ``allow_tf32`` and the
+    newer ``fp32_precision`` switches) round the operands; the bound then covers bfloat16 steps.
+    """
+    reduced = torch.get_float32_matmul_precision() != "highest"
+    for mod in (getattr(torch.backends, "mkldnn", None), getattr(torch.backends, "cuda", None)):
+        mm = getattr(mod, "matmul", None)
+        if getattr(mm, "fp32_precision", "none") not in ("none", "ieee"):
+            reduced = True
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        reduced = True
+    return 2.0**-8 if reduced else 0.0
+
+
+_BF16_STATE: dict[str, bool] = {}
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _bf16_matmul_accumulates_in_fp32() -> bool:
+    """Whether CPU bfloat16 matmuls stay within the float32-accumulation bound (cached).
+
+    All-positive operands make accumulation errors add up: a kernel that accumulated in
+    bfloat16 would miss the bound by orders of magnitude. Several row counts are tried, since
+    small ones may take a different kernel.
+    """
+    if "ok" not in _BF16_STATE:
+        g = torch.Generator().manual_seed(0)
+        ok = True
+        for m, k, sign in ((1, 2064, 1.0), (5, 1040, 1.0), (64, 2064, 1.0), (64, 1040, -1.0)):
+            x = torch.rand(m, k, generator=g).to(torch.bfloat16)
+            y = (torch.rand(96, k, generator=g) - (0.5 if sign < 0 else 0.0)).to(torch.bfloat16)
+            out = torch.mm(x, y.T).double()
+            ref = x.double() @ y.double().T
+            mag = x.double().abs() @ y.double().abs().T
+            bound = _gamma(k, _U32) * mag + 2.0**-8 * (ref.abs() + _gamma(k, _U32) * mag)
+            ok &= bool(((out - ref).abs() <= bound * _SAFETY + 1e-30).all())
+        _BF16_STATE["ok"] = ok
+    return _BF16_STATE["ok"]
+
+
+def _resolve_precision(precision: str, device: torch.device, n: int) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16_checked":
+        if device.type != "cpu":
+            raise ValueError("precision='bf16_checked' is for CPU; use 'fp32' on accelerators")
+        if not _bf16_matmul_accumulates_in_fp32():
+            raise RuntimeError("this CPU's bfloat16 matmul does not accumulate in float32")
+        return precision
+    if precision == "auto":
+        fast = device.type == "cpu" and n >= _BF16_MIN_N and _cpu_has_native_bf16()
+        return "bf16_checked" if fast and _bf16_matmul_accumulates_in_fp32() else "fp32"
+    return precision
+
+
+def _step(x: Tensor, up: bool) -> Tensor:
+    """The next representable value of ``x`` (float32 or bfloat16) towards +inf or -inf."""
+    return torch.nextafter(x, torch.full_like(x, float("inf") if up else float("-inf")))
+
+
+def _round_out(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
+    """float64 ``x`` rounded to a value of ``dtype`` that is >= x (``up``) or <= x.
+
+    Returned as float32 (float64 for a float64 ``dtype``) for the comparisons.
+    """
+    if dtype == torch.float64:
+        return x.clone()
+    y = x.to(dtype)
+    for _ in range(4):  # one step suffices (double rounding is within one step); stay safe
+        bad = (y.double() < x) if up else (y.double() > x)
+        if not bool(bad.any()):
+            break
+        y = torch.where(bad, _step(y, up), y)
+    return y.float()
+
+
+def _limbs(x: Tensor, dtype: torch.dtype, n: int) -> tuple[Tensor, Tensor]:
+    """``x`` (float64) as ``n`` values of ``dtype`` summing to it up to the returned residual."""
+    parts, r = [], x.clone()
+    for _ in range(n):
+        p = r.to(dtype)
+        parts.append(p)
+        r = r - p.double()
+    return torch.stack(parts, 1), r.abs()
+
+
+class _Screen:
+    """Operands, thresholds and bands of one screening precision (``bf16``, ``fp32``, ``fp64``)."""
+
+    def __init__(self, rk: _ExactRanker, name: str) -> None:
+        dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[name]
+        self.name, self.dtype = name, dt
+        self.cmp_dtype = torch.float64 if name == "fp64" else torch.float32
+        n, d, dev = rk.n, rk.d, rk.a.device
+        euclid = rk.metric == "euclidean"
+        n_limbs = {"bf16": 3, "fp32": 2, "fp64": 1}[name]
+        u_acc = _U64 if name == "fp64" else _U32
+        # centre (bfloat16 only): a representable value near the typical threshold
+        kappa = float(rk.sd.median().to(dt)) if name == "bf16" else 0.0
+        extra = (2 * n_limbs if euclid else 0) + (1 if kappa else 0)
+        k = -(-(d + extra) // 16) * 16
+        self.A = torch.zeros(n, k, dtype=dt, device=dev)
+        self.Bt = torch.zeros(rk.npad, k, dtype=dt, device=dev)
+        self.A[:, :d] = rk.a
+        self.Bt[:n, :d] = rk.b
+
+        if name == "bf16":  # rounding residuals (exact in float32) and rounded norms
+            up = 1 + 2 * _gamma(d + 2, _U32)  # float32 norms rounded up to bounds
+            ra, rb, nah, nbh = (torch.empty(n, device=dev) for _ in range(4))
+            for r in range(0, n, _ROWS):
+                sl = slice(r, r + _ROWS)
+                ah, bh = self.A[sl, :d].float(), self.Bt[:n][sl, :d].float()
+                nah[sl], nbh[sl] = _norms(ah), _norms(bh)
+                ra[sl], rb[sl] = _norms(rk.a[sl] - ah), _norms(rk.b[sl] - bh)
+            ra, rb, nah, nbh = (v.double() * up for v in (ra, rb, nah, nbh))
+        else:
+            u_in = _fp32_matmul_unit(dev) if name == "fp32" else 0.0
+            ra, rb = u_in * rk.na, u_in * rk.nb
+            nah, nbh = rk.na * (1 + u_in), rk.nb * (1 + u_in)
+
+        res_e = res_c = torch.zeros(n, dtype=torch.float64, device=dev)
+        col = d
+        if euclid:
+            le, res_e = _limbs(rk.e, dt, n_limbs)
+            lc, res_c = _limbs(rk.c, dt, n_limbs)
+            self.A[:, col : col + n_limbs] = -le
+            self.Bt[:n, col : col + n_limbs] = 1
+            col += n_limbs
+            self.A[:, col : col + n_limbs] = 1
+            self.Bt[:n, col : col + n_limbs] = -lc
+            col += n_limbs
+        if kappa:
+            self.A[:, col] = -kappa
+            self.Bt[:n, col] = 1
+
+        # the bound, maximised over the other index: one band per row (i2r), one per column (r2i)
+        g_k, g64 = _gamma(k, u_acc), rk.g64
+        # underflow: flushed subnormal operands (|x_k| < 2^-126, times the other norm), flushed
+        # or gradual-underflow products and sums; no float64 underflow for float32 data
+        tiny = 2.0**-1000 if name == "fp64" else 2.0**-120
+        eta = tiny * k * (1 + float(rk.na.max()) + float(rk.nb.max()))
+        lim = 1.01  # sum of |limbs| <= 1.01 x (e or c)
+        row = (
+            ra * rk.nb.max()
+            + nah * rb.max()
+            + g_k * (nah * nbh.max() + lim * rk.e + lim * rk.c.max() + abs(kappa))
+            + res_e
+            + res_c.max()
+            + 2 * g64 * (rk.e + rk.c.max())
+            + rk.eps
+        )
+        col_b = (
+            ra.max() * rk.nb
+            + nah.max() * rb
+            + g_k * (nah.max() * nbh + lim * rk.e.max() + lim * rk.c + abs(kappa))
+            + res_e.max()
+            + res_c
+            + 2 * g64 * (rk.e.max() + rk.c)
+            + rk.eps
+        )
+        row, col_b = row * _SAFETY + eta, col_b * _SAFETY + eta
+        t = rk.sd - kappa  # exact-score thresholds in output units
+        self.lo_r = _round_out(t - row, dt, up=False)
+        self.hi_r = _round_out(t + row, dt, up=True)
+        pad = rk.npad - n
+        self.lo_c = torch.nn.functional.pad(_round_out(t - col_b, dt, up=False), (0, pad))
+        self.hi_c = torch.nn.functional.pad(_round_out(t + col_b, dt, up=True), (0, pad))
+
+
+def _norms(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=1)
+
+
+def _dots64(x: Tensor, y: Tensor) -> Tensor:
+    """Row-wise float64 dot products of float32 rows (products exact in float64)."""
+    return torch.bmm(x.double().unsqueeze(1), y.double().unsqueeze(2)).view(-1)
+
+
+def _sampled_dots(rows: Tensor, cols: Tensor, r: Tensor, c: Tensor) -> Tensor:
+    """``rows[r[p]] . cols[c[p]]`` for each p in the operands' dtype, as one sampled matmul.
+
+    The pattern is a CSR matrix over ``rows``, so each row is read once and dotted with the
+    (cached) ``cols`` it pairs with; the CPU kernel accumulates each dot in the operand dtype.
+    """
+    order = torch.argsort(r * cols.shape[0] + c)
+    ro, co = r[order], c[order]
+    crow = torch.zeros(rows.shape[0] + 1, dtype=torch.long, device=r.device)
+    crow[1:] = torch.bincount(ro, minlength=rows.shape[0]).cumsum(0)
+    vals = torch.zeros(len(co), dtype=rows.dtype, device=r.device)
+    shape = (rows.shape[0], cols.shape[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        pattern = torch.sparse_csr_tensor(crow, co, vals, shape, check_invariants=False)
+        dots = torch.sparse.sampled_addmm(pattern, rows, cols.T, beta=0.0).values()
+    out = torch.empty_like(vals)
+    out[order] = dots
+    return out
+
+
+def _copies(x: Tensor) -> Tensor | None:
+    """Ids of groups of equal rows (same id => same vector), or None when no row repeats.
+
+    Rows are hashed exactly (integer arithmetic on the bits of up to 64 columns) and the
+    candidates compared in full, so collapsed or duplicated embeddings cost one pass.
+    """
+    n, d = x.shape
+    cols = x.view(torch.int32)[:, :: max(1, d // 64)][:, :64].long()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = torch.randint(1, 2**31, (cols.shape[1],), generator=g).to(x.device)
+    _, inv, counts = torch.unique((cols * w).sum(1), return_inverse=True, return_counts=True)
+    if bool((counts == 1).all()):
+        return None
+    idx = torch.arange(n, device=x.device)
+    first = torch.full((len(counts),), n, dtype=torch.long, device=x.device)
+    first.scatter_reduce_(0, inv, idx, "amin")
+    rep = first[inv]
+    cand = (counts[inv] > 1).nonzero().flatten()
+    same = torch.zeros(n, dtype=torch.bool, device=x.device)
+    for p in range(0, len(cand), _PAIR_CHUNK):
+        c = cand[p : p + _PAIR_CHUNK]
+        same[c] = (x[c] == x[rep[c]]).all(1)
+    gid = torch.where(same, rep, idx)
+    return gid if bool((gid != idx).any()) else None
+
+
+class _ExactRanker:
+    """Exact i2r and r2i ranks of aligned float32 embeddings, screened block by block."""
+
+    def __init__(self, a: Tensor, b: Tensor, metric: str, precision: str, chunk: int) -> None:
+        self.a, self.b, self.metric = a, b, metric
+        self.n, self.d = a.shape
+        n, d, dev = self.n, self.d, a.device
+        euclid = metric == "euclidean"
+        self.g64 = _gamma(d + 8, _U64)
+        # float32 norms rounded up: they only enter error bounds
+        up = 1 + 2 * _gamma(d + 2, _U32)
+        self.na, self.nb = _norms(a).double() * up, _norms(b).double() * up
+        # float64 (error <= g64 x magnitude): true-match dot products, half squared norms
+        self.gd = torch.empty(n, dtype=torch.float64, device=dev)
+        self.e = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.c = torch.zeros(n, dtype=torch.float64, device=dev)
+        for r in range(0, n, _ROWS):
+            sl = slice(r, r + _ROWS)
+            self.gd[sl] = _dots64(a[sl], b[sl])
+            if euclid:
+                self.e[sl] = 0.5 * _dots64(a[sl], a[sl])
+                self.c[sl] = 0.5 * _dots64(b[sl], b[sl])
+        self.sd = self.gd - self.e - self.c  # exact-score threshold of each pair
+        # float64 error of sd (and of e, c, gd separately), doubled for the final subtraction
+        self.eps = 4 * self.g64 * (self.na * self.nb + self.e + self.c)
+        # re-check constants: s_ii + e_i, s_jj + c_j and the float64 slack of their comparisons
+        self.sdr, self.sdc = self.gd - self.c, self.gd - self.e
+        self.kr = 4 * self.g64 * (self.c.max() + self.sdr.abs()) + self.eps
+        self.kc = 4 * self.g64 * (self.e.max() + self.sdc.abs()) + self.eps
+        self.g32 = _gamma(d, _U32)
+        self.gid_a, self.gid_b = _copies(a), _copies(b)
+
+        # column padding: a multiple of 8 bytes per mask row, in groups of <= 255 words
+        words = max(1, -(-n // 8))
+        self.groups = -(-words // 255)
+        self.group_len = -(-words // self.groups)
+        self.npad = 8 * self.groups * self.group_len
+        self.levels = ["bf16", "fp32", "fp64"] if precision == "bf16_checked" else ["fp32", "fp64"]
+        self.screens: dict[str, _Screen] = {}
+        n_blocks = max(1, -(-n // max(1, chunk)))
+        self.bounds = [round(i * n / n_blocks) for i in range(n_blocks + 1)]
+        bmax = max(e - s for s, e in zip(self.bounds, self.bounds[1:]))
+        self.x32 = torch.empty(bmax, self.npad, device=dev)
+        self.masks = torch.zeros(4, bmax, self.npad, dtype=torch.bool, device=dev)
+        self.i2r = torch.zeros(n, dtype=torch.long, device=dev)
+        self.r2i = torch.zeros(n, dtype=torch.long, device=dev)
+        # entries screened, flagged ambiguous, re-checked in float32 / float64 / exactly
+        self.stats = dict(entries=n * (n - 1), ambiguous=0, f32=0, f64=0, exact=0, escalated=0)
+
+    def screen(self, name: str) -> _Screen:
+        if name not in self.screens:
+            self.screens[name] = _Screen(self, name)
+        return self.screens[name]
+
+    def run(self) -> tuple[Tensor, Tensor]:
+        for s, e in zip(self.bounds, self.bounds[1:]):
+            for level in self.levels:
+                if self.block(s, e, level):
+                    break
+                self.stats["escalated"] += 1
+        return self.i2r + 1, self.r2i + 1
+
+    # -- one row block -------------------------------------------------------------------
+
+    def block(self, s: int, e: int, level: str) -> bool:
+        """Screen rows ``s:e``; False (nothing counted) when too many entries are ambiguous."""
+        sc, bs, n = self.screen(level), e - s, self.n
+        out = torch.mm(sc.A[s:e], sc.Bt.T)
+        if sc.cmp_dtype == torch.float32:
+            x = self.x32[:bs]
+            x.copy_(out)
+        else:
+            x = out
+        del out
+        diag = x[:, s:e].diagonal()
+        inside = (diag >= sc.lo_r[s:e]) & (diag <= sc.hi_r[s:e])
+        inside &= (diag >= sc.lo_c[s:e]) & (diag <= sc.hi_c[s:e])
+        if not bool(inside.all()):
+            raise RuntimeError(
+                f"retrieval: the {level} screening bound failed on the diagonal of rows {s}:{e}"
+                " (matmul less accurate than assumed); please report with your torch build"
+            )
+        diag.fill_(float("-inf"))  # the true match is never counted
+        if self.npad > n:
+            x[:, n:].fill_(float("-inf"))
+        m = self.masks[:, :bs]
+        torch.gt(x, sc.hi_r[s:e, None], out=m[0])  # surely closer (i2r)
+        torch.ge(x, sc.lo_r[s:e, None], out=m[1])  # possibly closer (i2r)
+        torch.gt(x, sc.hi_c[None, :], out=m[2])  # surely closer (r2i)
+        torch.ge(x, sc.lo_c[None, :], out=m[3])  # possibly closer (r2i)
+        if self.gid_b is not None:  # a copy of the true recipe ties with it: never closer
+            tie = self.gid_b[s:e, None] == self.gid_b[None, :]
+            m[0, :, :n] &= ~tie
+            m[1, :, :n] &= ~tie
+        if self.gid_a is not None:  # a copy of the true image ties with it
+            tie = self.gid_a[s:e, None] == self.gid_a[None, :]
+            m[2, :, :n] &= ~tie
+            m[3, :, :n] &= ~tie
+        w = self.masks[:, :bs].view(torch.int64)  # 8 flags per word
+        amb_r = w[1] ^ w[0]
+        amb_c = w[3] ^ w[2]
+        ii, jj, fr, fc = self._pairs(amb_r, amb_c)
+        if level != self.levels[-1] and len(ii) > _ESCALATE * bs * n:
+            return False
+        self.i2r[s:e] += self._swar_rows(w[0])
+        self.r2i += self._swar_cols(w[2])[:n]
+        self.stats["ambiguous"] += len(ii)
+        if len(ii):
+            self.resolve(s, bs, ii, jj, fr, fc, level)
+        return True
+
+    def _swar_rows(self, w: Tensor) -> Tensor:
+        """Row sums of the packed flags: byte lanes of <= 255 words never carry."""
+        bs = w.shape[0]
+        lanes = w.view(bs, self.groups, self.group_len).sum(-1)
+        return lanes.view(torch.uint8).view(bs, -1).sum(-1)
+
+    def _swar_cols(self, w: Tensor) -> Tensor:
+        acc = torch.zeros(w.shape[1] * 8, dtype=torch.long, device=w.device)
+        for r in range(0, w.shape[0], 255):
+            acc += w[r : r + 255].sum(0).view(torch.uint8)
+        return acc
+
+    def _pairs(self, amb_r: Tensor, amb_c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(local row, column, ambiguous for i2r, ambiguous for r2i) of the flagged entries."""
+        flat_r, flat_c = amb_r.view(-1), amb_c.view(-1)
+        nzw = (flat_r | flat_c).nonzero().squeeze(1)
+        br = flat_r[nzw].view(torch.uint8).view(-1, 8)
+        bc = flat_c[nzw].view(torch.uint8).view(-1, 8)
+        sel = (br | bc).nonzero()
+        pos = nzw[sel[:, 0]] * 8 + sel[:, 1]
+        fr = br[sel[:, 0], sel[:, 1]].bool()
+        fc = bc[sel[:, 0], sel[:, 1]].bool()
+        return pos // self.npad, pos % self.npad, fr, fc
+
+    # -- re-checks -----------------------------------------------------------------------
+
+    def resolve(
+        self, s: int, bs: int, ii: Tensor, jj: Tensor, fr: Tensor, fc: Tensor, level: str
+    ) -> None:
+        """Decide the flagged entries of rows ``s + ii`` and add the closer ones to the counts."""
+        if level == "bf16":  # float32 dot products, each recipe row read once
+            g = _sampled_dots(self.b, self.a[s : s + bs], jj, ii)
+            self.stats["f32"] += len(g)
+            u_in = _fp32_matmul_unit(self.a.device)
+            gamma, eta = self.g32 + u_in * 3, 2 * (self.d + 1) * 2.0**-126
+            keep_r, keep_c = self._decide(ii + s, jj, fr, fc, g.double(), gamma, eta)
+            keep = keep_r | keep_c
+            ii, jj, fr, fc = ii[keep], jj[keep], keep_r[keep], keep_c[keep]
+        if level != "fp64" and len(ii):  # float64 dot products of the few left
+            uj, inv = torch.unique(jj, return_inverse=True)
+            g = _sampled_dots(self.b[uj].double(), self.a[s : s + bs].double(), inv, ii)
+            self.stats["f64"] += len(g)
+            eta = 2 * (self.d + 1) * 2.0**-1022
+            keep_r, keep_c = self._decide(ii + s, jj, fr, fc, g, self.g64, eta)
+            keep = keep_r | keep_c
+            ii, jj, fr, fc = ii[keep], jj[keep], keep_r[keep], keep_c[keep]
+        if len(ii):
+            self.stats["exact"] += len(ii)
+            self._exact(ii + s, jj, fr, fc)
+
+    def _decide(
+        self,
+        gi: Tensor,
+        jj: Tensor,
+        fr: Tensor,
+        fc: Tensor,
+        g: Tensor,
+        gamma: float,
+        eta: float,
+    ) -> tuple[Tensor, Tensor]:
+        """Count the entries whose dot ``g`` (error <= gamma |a||b| + eta) clears the band.
+
+        Returns the flags of the entries left undecided (i2r, r2i).
+        """
+        # i2r: s_ij - s_ii = g_ij - c_j - (g_ii - c_i)
+        # r2i: s_ij - s_jj = g_ij - e_i - (g_jj - e_j)
+        v_r = g - self.c[jj] - self.sdr[gi]
+        v_c = g - self.e[gi] - self.sdc[jj]
+        err = (gamma + 4 * self.g64) * self.na[gi] * self.nb[jj] + eta
+        done_r = v_r.abs() > (err + self.kr[gi]) * _SAFETY
+        done_c = v_c.abs() > (err + self.kc[jj]) * _SAFETY
+        self._add(gi, jj, fr & done_r & (v_r > 0), fc & done_c & (v_c > 0))
+        return fr & ~done_r, fc & ~done_c
+
+    def _add(self, gi: Tensor, jj: Tensor, closer_r: Tensor, closer_c: Tensor) -> None:
+        self.i2r += torch.bincount(gi[closer_r], minlength=self.n)
+        self.r2i += torch.bincount(jj[closer_c], minlength=self.n)
+
+    def _exact(self, gi: Tensor, jj: Tensor, fr: Tensor, fc: Tensor) -> None:
+        """Exact signs: equal vectors tie; else fsum of exact float64 products (fp32 x fp32)."""
+        euclid = self.metric == "euclidean"
+        closer_r = torch.zeros_like(fr)
+        closer_c = torch.zeros_like(fc)
+        for p in range(0, len(gi), _PAIR_CHUNK):
+            sl = slice(p, p + _PAIR_CHUNK)
+            i, j = gi[sl], jj[sl]
+            need_r = fr[sl] & ~(self.b[j] == self.b[i]).all(1)  # equal recipes: s_ij == s_ii
+            need_c = fc[sl] & ~(self.a[i] == self.a[j]).all(1)  # equal images: s_ij == s_jj
+            for q in need_r.nonzero().flatten().tolist():
+                closer_r[p + q] = self._fsum_sign(int(i[q]), int(j[q]), True, euclid) > 0
+            for q in need_c.nonzero().flatten().tolist():
+                closer_c[p + q] = self._fsum_sign(int(i[q]), int(j[q]), False, euclid) > 0
+        self._add(gi, jj, closer_r, closer_c)
+
+    def _fsum_sign(self, i: int, j: int, i2r: bool, euclid: bool) -> float:
+        """Correctly rounded s_ij - s_ii (i2r) or s_ij - s_jj (r2i); its sign is exact."""
+        ai = self.a[i].double().cpu().numpy()
+        bj = self.b[j].double().cpu().numpy()
+        if i2r:  # (a_i.b_j - c_j) - (a_i.b_i - c_i)
+            bi = self.b[i].double().cpu().numpy()
+            terms = [ai * bj, -(ai * bi)]
+            if euclid:
+                terms += [-(bj * bj) / 2, (bi * bi) / 2]
+        else:  # (a_i.b_j - e_i) - (a_j.b_j - e_j)
+            aj = self.a[j].double().cpu().numpy()
+            terms = [ai * bj, -(aj * bj)]
+            if euclid:
+                terms += [-(ai * ai) / 2, (aj * aj) / 2]
+        return math.fsum(np.concatenate(terms).tolist())
+
+
 def pair_ranks(
-    img: Tensor, rec: Tensor, metric: str = "euclidean", chunk: int = 2048
+    img: Tensor,
+    rec: Tensor,
+    metric: str = "euclidean",
+    chunk: int = 512,
+    precision: str = "auto",
+    stats: dict[str, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Ranks of the true matches for aligned ``img[i] <-> rec[i]`` (1 = best).
+    """Ranks of the true matches for aligned ``img[i] <-> rec[i]`` (1 = best), exact.
+
+    rank = 1 + the number of gallery items strictly closer than the true match, decided in
+    exact arithmetic on the float32 embeddings (see the comment above :class:`_Screen`), so the
+    result does not depend on blocking, threads or the screening precision.
 
     Args:
         img: ``(N, D)`` image embeddings.
         rec: ``(N, D)`` recipe embeddings of the same items, same order.
         metric: ``euclidean`` (SEJE), ``cosine`` or ``dot``.
-        chunk: Rows compared at a time (bounds the boolean temporaries to ``chunk x N``).
+        chunk: Query rows screened at a time (memory ~ ``chunk x N`` floats).
+        precision: Screening matmul: ``fp32``; ``bf16_checked`` (CPU: bfloat16 matmul,
+            twice as fast, certified by its error bound, ambiguous entries re-checked);
+            ``auto`` (``bf16_checked`` on CPUs with native bfloat16 and bags of 256+, else
+            ``fp32``). All give identical ranks.
+        stats: Optional dict; adds the counts of ``entries`` (off-diagonal), ``ambiguous``
+            ones re-checked in float32 (``f32``), float64 (``f64``) and ``exact``-ly, and of
+            blocks re-screened more precisely (``escalated``).
 
     Returns:
         ``(ranks_i2r, ranks_r2i)``, int64 ``(N,)`` each.
     """
     if img.shape != rec.shape or img.dim() != 2:
         raise ValueError(f"need two (N, D) tensors of equal shape, got {img.shape}, {rec.shape}")
-    d = distance_matrix(img, rec, metric)
-    diag = d.diagonal().clone()
-    n = d.shape[0]
-    i2r = torch.empty(n, dtype=torch.long, device=d.device)
-    r2i = torch.zeros(n, dtype=torch.long, device=d.device)
-    for s in range(0, n, chunk):
-        block = d[s : s + chunk]
-        # the diagonal entry itself is never strictly smaller than itself
-        i2r[s : s + chunk] = (block < diag[s : s + chunk, None]).sum(1, dtype=torch.int32)
-        r2i += (block < diag[None, :]).sum(0, dtype=torch.int32)
-    return i2r + 1, r2i + 1
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    a, b = img.float(), rec.float()
+    if metric == "cosine":
+        a = torch.nn.functional.normalize(a, dim=1)
+        b = torch.nn.functional.normalize(b, dim=1)
+    a, b = a.contiguous(), b.contiguous()
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise ValueError("retrieval: embeddings contain NaN or inf")
+    if a.shape[0] == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=a.device)
+        return empty, empty.clone()
+    prec = _resolve_precision(precision, a.device, a.shape[0])
+    ranker = _ExactRanker(a, b, metric, prec, chunk)
+    ranks = ranker.run()
+    if stats is not None:
+        for key, v in ranker.stats.items():
+            stats[key] = stats.get(key, 0) + v
+    return ranks
 
 
 def rank_summary(ranks: Tensor | np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
@@ -136,6 +668,8 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 5, 10),
     metric: str = "euclidean",
     directions: Sequence[str] = DIRECTIONS,
+    precision: str = "auto",
+    stats: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """MedR and R@K in both directions for each bag size, averaged over bags.
 
@@ -151,6 +685,8 @@ def retrieval_metrics(
         ks: Recall cut-offs.
         metric: ``euclidean``, ``cosine`` or ``dot``.
         directions: Subset of ``("i2r", "r2i")``.
+        precision: Screening matmul of :func:`pair_ranks` (the ranks do not depend on it).
+        stats: Optional dict that accumulates :func:`pair_ranks` re-check counters.
 
     Returns:
         Flat dict with keys ``{stat}_{direction}_{size}``, e.g. ``medr_i2r_1k``, ``r5_r2i_10k``,
@@ -173,7 +709,7 @@ def retrieval_metrics(
         ranks = {d: [] for d in DIRECTIONS}
         for idx in bag_indices(pool, n, nb, seed):
             sel = torch.from_numpy(idx).to(img.device)
-            i2r, r2i = pair_ranks(img[sel], rec[sel], metric)
+            i2r, r2i = pair_ranks(img[sel], rec[sel], metric, precision=precision, stats=stats)
             ranks["i2r"].append(i2r)
             ranks["r2i"].append(r2i)
         for d in directions:
@@ -231,6 +767,7 @@ class RecipeRetrieval(Metric):
         ks: Recall cut-offs.
         metric: ``euclidean`` (SEJE), ``cosine`` or ``dot``.
         max_id_len: Byte width of the id codes (Recipe1M ids have 10 characters).
+        precision: Screening matmul of :func:`pair_ranks` (the ranks do not depend on it).
         kwargs: Passed to :class:`torchmetrics.Metric`.
     """
 
@@ -246,6 +783,7 @@ class RecipeRetrieval(Metric):
         ks: Sequence[int] = (1, 5, 10),
         metric: str = "euclidean",
         max_id_len: int = 32,
+        precision: str = "auto",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -253,6 +791,9 @@ class RecipeRetrieval(Metric):
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         self.bag_sizes, self.n_bags, self.seed = tuple(bag_sizes), n_bags, seed
         self.ks, self.metric, self.max_id_len = tuple(ks), metric, max_id_len
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         self.add_state("img", default=[], dist_reduce_fx="cat")
         self.add_state("rec", default=[], dist_reduce_fx="cat")
         self.add_state("ids", default=[], dist_reduce_fx="cat")
@@ -280,7 +821,14 @@ class RecipeRetrieval(Metric):
     def compute(self) -> dict[str, Tensor]:
         img, rec, _ = self.pool()
         res = retrieval_metrics(
-            img, rec, self.bag_sizes, self.n_bags, self.seed, self.ks, self.metric
+            img,
+            rec,
+            self.bag_sizes,
+            self.n_bags,
+            self.seed,
+            self.ks,
+            self.metric,
+            precision=self.precision,
         )
         return {k: torch.tensor(v) for k, v in res.items()}
 
