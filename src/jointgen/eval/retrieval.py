@@ -300,6 +300,7 @@ class _Screen:
             + rk.eps
         )
         row, col_b = row * _SAFETY + eta, col_b * _SAFETY + eta
+        self.kappa, self.tol_r, self.tol_c = kappa, row, col_b
         t = rk.sd - kappa  # exact-score thresholds in output units
         self.lo_r = _round_out(t - row, dt, up=False)
         self.hi_r = _round_out(t + row, dt, up=True)
@@ -419,11 +420,13 @@ class _ExactRanker:
         return self.screens[name]
 
     def run(self) -> tuple[Tensor, Tensor]:
+        first = 0  # a bag is homogeneous: once a block needed a finer screen, start there
         for s, e in zip(self.bounds, self.bounds[1:]):
-            for level in self.levels:
-                if self.block(s, e, level):
+            for lv in range(first, len(self.levels)):
+                if self.block(s, e, self.levels[lv]):
                     break
                 self.stats["escalated"] += 1
+                first = lv + 1
         return self.i2r + 1, self.r2i + 1
 
     # -- one row block -------------------------------------------------------------------
