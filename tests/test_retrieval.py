@@ -13,8 +13,11 @@ import torch.multiprocessing as mp
 
 from jointgen.eval.retrieval import (
     RecipeRetrieval,
+    _bf16_matmul_accumulates_in_fp32,
+    _ExactRanker,
     bag_indices,
     decode_ids,
+    distance_matrix,
     encode_ids,
     format_table,
     pair_ranks,
@@ -70,6 +73,164 @@ class TestRanks:
         e = pair_ranks(img, rec, "euclidean")
         m = pair_ranks(img, rec, metric)
         assert torch.equal(e[0], m[0]) and torch.equal(e[1], m[1])
+
+
+PRECISIONS = ["fp32", "bf16_checked"]
+
+
+def _needs_bf16(precision: str) -> None:
+    if precision == "bf16_checked" and not _bf16_matmul_accumulates_in_fp32():
+        pytest.skip("this CPU's bfloat16 matmul does not accumulate in float32")
+
+
+def _exact_ranks(img: torch.Tensor, rec: torch.Tensor, metric: str = "euclidean"):
+    """Reference: every pair computed alone in float64 (exact for equal vectors), as the loop."""
+    a, b = img.float(), rec.float()
+    if metric == "cosine":
+        a, b = (torch.nn.functional.normalize(x, dim=1) for x in (a, b))
+    a, b = a.double(), b.double()
+    if metric == "euclidean":
+        d = ((a[:, None] - b[None]) ** 2).sum(-1)
+    else:
+        d = -(a[:, None] * b[None]).sum(-1)
+    dg = d.diagonal()
+    return (d < dg[:, None]).sum(1) + 1, (d < dg[None, :]).sum(0) + 1
+
+
+def _full_matrix_ranks(img: torch.Tensor, rec: torch.Tensor, metric: str = "euclidean"):
+    """The previous method: one float32 N x N matrix compared with its own diagonal."""
+    d = distance_matrix(img, rec, metric)
+    dg = d.diagonal()
+    return (d < dg[:, None]).sum(1) + 1, (d < dg[None, :]).sum(0) + 1
+
+
+def _regime(name: str, n: int = 301, d: int = 48, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if name == "trained":  # well separated: most ranks 1
+        return _pairs(n, d, noise=0.3, seed=seed)
+    if name == "random":  # nearly random: ranks spread over the bag, many entries near a tie
+        return _pairs(n, d, noise=4.0, seed=seed)
+    if name == "unnormalised":  # norms over four decades, different per modality
+        img, rec = _pairs(n, d, noise=1.0, seed=seed)
+        return img * torch.logspace(-2, 2, n)[torch.randperm(n, generator=g), None], rec * (
+            torch.logspace(-2, 2, n)[torch.randperm(n, generator=g), None]
+        )
+    if name == "duplicates":  # repeated pairs, a repeated recipe and repeated images
+        img, rec = _pairs(n - 60, d, noise=1.0, seed=seed)
+        img, rec = torch.cat([img, img[:50]]), torch.cat([rec, rec[:50]])
+        img = torch.cat([img, img[60:70]])  # 10 images also serve other items
+        rec = torch.cat([rec, rec[100:101].expand(10, d)])
+        return img, rec
+    if name == "integer":  # small integer coordinates: exact ties everywhere
+        x = torch.randint(-2, 3, (2, n // 2, 6), generator=g).float()
+        return x[0], x[1]
+    raise ValueError(name)
+
+
+REGIMES = ["trained", "random", "unnormalised", "duplicates", "integer"]
+
+
+class TestExactRanks:
+    @pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
+    @pytest.mark.parametrize("regime", REGIMES)
+    def test_every_precision_and_block_size_gives_the_exact_ranks(self, regime, metric):
+        img, rec = _regime(regime)
+        ref = _exact_ranks(img, rec, metric)
+        for precision in PRECISIONS:
+            _needs_bf16(precision)
+            for chunk in (37, 512):  # 37 does not divide 301: a short last block
+                got = pair_ranks(img, rec, metric, chunk=chunk, precision=precision)
+                assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        if regime in ("trained", "random", "unnormalised"):  # no ties: the old matrix agrees
+            old = _full_matrix_ranks(img, rec, metric)
+            assert torch.equal(old[0], ref[0]) and torch.equal(old[1], ref[1])
+
+    @pytest.mark.parametrize("precision", PRECISIONS)
+    def test_tiny_bags(self, precision):
+        _needs_bf16(precision)
+        for n in (1, 2, 3, 5):
+            img, rec = _pairs(n, seed=n)
+            got = pair_ranks(img, rec, precision=precision, chunk=2)
+            ref = _exact_ranks(img, rec)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+    @pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
+    @pytest.mark.parametrize("precision", PRECISIONS)
+    def test_copies_of_the_true_match_tie_with_it(self, precision, metric):
+        # item 0 appears four times: each copy's recipe (image) is exactly as close as the true
+        # match, so it must not count; only the true match itself is excluded by position
+        _needs_bf16(precision)
+        img, rec = _pairs(40, noise=0.05, seed=5)
+        img, rec = torch.cat([img, img[:1].repeat(3, 1)]), torch.cat([rec, rec[:1].repeat(3, 1)])
+        i2r, r2i = pair_ranks(img, rec, metric, precision=precision, chunk=16)
+        assert i2r.tolist() == [1] * 43 and r2i.tolist() == [1] * 43
+        # collapsed embeddings: everything ties, every rank is 1
+        flat = torch.ones(30, 8)
+        assert pair_ranks(flat, flat, metric, precision=precision)[0].tolist() == [1] * 30
+
+    @pytest.mark.parametrize("precision", PRECISIONS)
+    def test_near_ties_below_float32_resolution(self, precision):
+        # recipe 100 + j is recipe j moved by one float32 step towards image j: closer to it by
+        # ~1e-9 of the distance, far below what a float32 matrix resolves; exact ranks see it
+        _needs_bf16(precision)
+        img, rec = _pairs(200, 64, noise=0.05, seed=7)
+        k = (img[:100] - rec[:100]).abs().argmax(1)
+        moved = rec[:100].clone()
+        rows = torch.arange(100)
+        moved[rows, k] = torch.nextafter(moved[rows, k], img[rows, k])
+        rec = torch.cat([rec[:100], moved])
+        i2r, r2i = pair_ranks(img, rec, precision=precision, chunk=64)
+        ref = _brute_ranks(img.double().numpy(), rec.double().numpy())
+        np.testing.assert_array_equal(i2r.numpy(), ref[0])
+        np.testing.assert_array_equal(r2i.numpy(), ref[1])
+        assert (i2r[:100] == 2).all()  # the moved copy, and nothing else, is strictly closer
+
+    @pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
+    def test_swapping_the_modalities_swaps_the_directions(self, metric):
+        img, rec = _regime("random", n=200, seed=3)
+        i2r, r2i = pair_ranks(img, rec, metric)
+        r2i_t, i2r_t = pair_ranks(rec, img, metric)
+        assert torch.equal(i2r, i2r_t) and torch.equal(r2i, r2i_t)
+        assert not torch.equal(i2r, r2i)
+
+    def test_metrics_identical_across_precisions_and_stats(self):
+        _needs_bf16("bf16_checked")
+        img, rec = _pairs(700, 64, noise=3.0, seed=11)
+        st: dict[str, int] = {}
+        res = {
+            p: retrieval_metrics(img, rec, (300, 600), 2, precision=p, stats=st)
+            for p in PRECISIONS
+        }
+        assert res["fp32"] == res["bf16_checked"]
+        assert st["entries"] == 2 * 2 * (300 * 299 + 600 * 599)
+        assert 0 < st["f32"] <= st["ambiguous"] < st["entries"]
+
+    @pytest.mark.parametrize("kind", ["random", "aligned"])
+    def test_bf16_screen_error_is_within_its_bound(self, kind):
+        """The bound on the bfloat16 screen holds entry by entry, with room on random data.
+
+        ``aligned``: every component sits just below a bfloat16 rounding midpoint and image and
+        recipe share their exponents, so all rounding errors add up and the residuals are
+        parallel to the other vector: the Cauchy-Schwarz worst case.
+        """
+        _needs_bf16("bf16_checked")
+        n, d = 96, 1024
+        if kind == "random":
+            img, rec = _pairs(n, d, noise=2.0, seed=2)
+        else:
+            g = torch.Generator().manual_seed(2)
+            expo = torch.randint(-3, 1, (4, d), generator=g)[torch.arange(n) % 4]
+            img = (1 + 0.99 * 2.0**-8) * 2.0 ** expo.float()
+            rec = (1 + 0.99 * 2.0**-8) * 2.0 ** expo.roll(1, 0).float()
+        rk = _ExactRanker(img, rec, "euclidean", "bf16_checked", 512)
+        sc = rk.screen("bf16")
+        out = torch.mm(sc.A, sc.Bt.T)[:, :n].double()  # bfloat16 output, rounded once
+        a, b = img.double(), rec.double()
+        exact = a @ b.T - 0.5 * (a * a).sum(1)[:, None] - 0.5 * (b * b).sum(1)[None] - sc.kappa
+        bound = torch.minimum(sc.tol_r[:, None], sc.tol_c[None, :])
+        err = (out - exact).abs() - 2.0**-8 * out.abs()  # less the output rounding
+        ratio = float((err / bound).max())
+        assert ratio < (0.5 if kind == "random" else 1.0), ratio
 
 
 class TestSummary:
