@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--scale-mode", default="learned", help="learned | fixed | per_pixel")
     ap.add_argument("--cosine", action="store_true", help="cosine lr decay to 0 over --steps")
     ap.add_argument("--classifier", action="store_true", help="also read c2i with the CNN")
+    ap.add_argument("--likelihood", default="laplace", help="laplace | gaussian")
+    ap.add_argument("--kl-align", default="", help="e.g. img: KL-match q_txt to q_img")
+    ap.add_argument("--kl-align-weight", type=float, default=1.0)
     ap.add_argument("--decoder-coords", action="store_true", help="CoordConv decoder")
     ap.add_argument("--cross-frozen", default="", help="e.g. img: no decoder grad from cross")
     ap.add_argument("--save", default=None, help="save the network's state_dict here")
@@ -64,7 +67,7 @@ def main() -> None:
     image = ConvImageBranch(
         32, 3, args.z_dim, args.w_dim, args.hidden, convs_per_level=args.convs_per_level,
         scale=args.scale_mode, derived_inputs=args.derived, full_res_convs=args.full_res,
-        decoder_coords=args.decoder_coords,
+        decoder_coords=args.decoder_coords, likelihood=args.likelihood,
     )  # fmt: skip
     text = TextBranch(len(dm.vocab), 16, args.z_dim, 8, decoder=args.decoder)
     scale = args.scale  # a mode name, or explicit "img:1,txt:1000"

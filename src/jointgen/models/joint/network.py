@@ -90,6 +90,8 @@ class JointVAE(nn.Module):
         poe_expert_weights: bool = False,
         cross_aux_prior: bool = False,
         cross_frozen: Sequence[str] = (),
+        kl_align: Sequence[str] = (),
+        kl_align_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
@@ -120,6 +122,13 @@ class JointVAE(nn.Module):
         if cross_frozen and fusion not in ("moe", "mmvae_plus"):
             raise ValueError(f"cross_frozen needs fusion moe or mmvae_plus, got {fusion!r}")
         self.cross_frozen = tuple(cross_frozen)
+        bad = set(kl_align) - set(MODALITIES)
+        if bad or (kl_align and (fusion not in ("moe", "mmvae_plus") or image.family != "normal")):
+            raise ValueError(
+                f"kl_align needs known modalities (got {list(kl_align)}), fusion moe or "
+                f"mmvae_plus and normal posteriors (got {fusion!r}, {image.family!r})"
+            )
+        self.kl_align, self.kl_align_weight = tuple(kl_align), float(kl_align_weight)
         self.fusion, self.prior_expert, self.objective = fusion, prior_expert, objective
         self.K, self.looser, self.beta, self.free_bits = K, looser, beta, free_bits
         self.mopoe_sampling, self.family, self.z_dim = mopoe_sampling, image.family, image.z_dim
@@ -159,7 +168,7 @@ class JointVAE(nn.Module):
         opts = BoundOptions(
             self.objective, self.K, self.looser, self.beta * kl_coeff, self.likelihood_scales,
             self.family, self.prior_expert, self._weights(), self.free_bits, self.mopoe_sampling,
-            self.cross_frozen,
+            self.cross_frozen, self.kl_align, self.kl_align_weight,
         )  # fmt: skip
         if self.fusion in ("moe", "mmvae_plus"):
             bound, log = stratified_bound(self.branches, enc, opts, self.fusion == "mmvae_plus")

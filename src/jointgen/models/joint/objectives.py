@@ -95,6 +95,8 @@ class BoundOptions:
     free_bits: float = 0.0
     mopoe_sampling: str = "batch_split"
     cross_frozen: tuple[str, ...] = ()  # decoders that take no parameter gradient from cross terms
+    kl_align: tuple[str, ...] = ()  # modalities whose cross likelihood is replaced by KL matching
+    kl_align_weight: float = 1.0
 
 
 class TermLog:
@@ -260,12 +262,39 @@ def stratified_bound(
         z = enc.experts[m].rsample(opts.K)
         posterior = {n: n == m or not plus for n in MODALITIES}
         frozen = tuple(n for n in opts.cross_frozen if n != m)
-        terms = _decode(branches, enc, z, posterior, MODALITIES, dreg, frozen)
+        decoded = [n for n in MODALITIES if n == m or n not in opts.kl_align]
+        terms = _decode(branches, enc, z, posterior, decoded, dreg, frozen)
         density = standard(opts.family, z[0]).log_prob(z) - density_q.log_prob(z)
         lws.append(log_weight(terms, enc.obs, density, posterior, opts, log, enc.obs[m], m, False))
         valid.append(enc.obs[m])
         latents.append([z] + [w for t in terms.values() for w in t.latents])
-    return reduce_strata(lws, valid, latents, opts.objective, opts.looser), log
+    bound = reduce_strata(lws, valid, latents, opts.objective, opts.looser)
+    for n in opts.kl_align:
+        bound = bound - opts.kl_align_weight * _align_kl(enc, n, log)
+    return bound, log
+
+
+def _align_kl(enc: Encoded, n: str, log: TermLog) -> torch.Tensor:
+    """sum over the other experts m of KL(sg[q_n(z | x_n)] || q_m(z | x_m)) on the samples that
+    observe both, ``(B,)``: trains q_m as a conditional prior that covers the posteriors of
+    every x_n it goes with, instead of (through the cross likelihood) a point whose decoding
+    is their blurred average."""
+    target = enc.experts[n].detach()
+    total = torch.zeros_like(enc.obs[n], dtype=target.loc.dtype)
+    for m in MODALITIES:
+        if m == n:
+            continue
+        q = enc.experts[m]
+        both = enc.obs[n] & enc.obs[m]
+        kl = (
+            q.log_scale - target.log_scale
+            + 0.5 * (torch.exp(2 * target.log_scale) + (target.loc - q.loc) ** 2)
+            * torch.exp(-2 * q.log_scale)
+            - 0.5
+        ).sum(-1)  # fmt: skip
+        log.add(f"kl_align/{m}_{n}", kl, both)
+        total = total + _zero_where(both, kl)
+    return total
 
 
 def poe_bound(
