@@ -120,7 +120,7 @@ _U64 = 2.0**-53
 _SAFETY = 1.0 + 2.0**-10  # widens every screening band a little beyond the proven bound
 _ESCALATE = 0.08  # re-screen a block more precisely when more of its entries are ambiguous
 _BF16_MIN_N = 256  # "auto" screens smaller bags in float32 (no gain from bfloat16 there)
-_PAIR_CHUNK = 8192  # pairs per exact re-check step
+_PAIR_CHUNK = 2048  # pairs per float64 / exact re-check step
 _ROWS = 1024  # rows per step of the per-row float64 sums
 
 
@@ -390,11 +390,15 @@ class _ExactRanker:
         self.sd = self.gd - self.e - self.c  # exact-score threshold of each pair
         # float64 error of sd (and of e, c, gd separately), doubled for the final subtraction
         self.eps = 4 * self.g64 * (self.na * self.nb + self.e + self.c)
-        # re-check constants: s_ii + e_i, s_jj + c_j and the float64 slack of their comparisons
-        self.sdr, self.sdc = self.gd - self.c, self.gd - self.e
-        self.kr = 4 * self.g64 * (self.c.max() + self.sdr.abs()) + self.eps
-        self.kc = 4 * self.g64 * (self.e.max() + self.sdc.abs()) + self.eps
-        self.g32 = _gamma(d, _U32)
+        # re-check tables: c, s_ii + e_i and the i2r band per row; e, s_jj + c_j and the r2i band
+        # per column. A dot of float32 rows errs by <= gamma_D |a||b| (float32 accumulation,
+        # plus reduced-precision operands if allowed, plus underflow), float64: gamma_D(f64);
+        # the tables and the subtractions add their own rounding (float32: 3 x 2^-24 x sizes).
+        sdr, sdc = self.gd - self.c, self.gd - self.e
+        u_in = _fp32_matmul_unit(dev)
+        g32, eta32 = _gamma(d, _U32) + 3 * u_in, 2 * (d + 1) * 2.0**-126
+        self.tol32 = self._tables(sdr, sdc, g32, eta32, f32=True)
+        self.tol64 = self._tables(sdr, sdc, self.g64, 2 * (d + 1) * 2.0**-1022, f32=False)
         self.gid_a, self.gid_b = _copies(a), _copies(b)
 
         # column padding: a multiple of 8 bytes per mask row, in groups of <= 255 words
@@ -413,6 +417,20 @@ class _ExactRanker:
         self.r2i = torch.zeros(n, dtype=torch.long, device=dev)
         # entries screened, flagged ambiguous, re-checked in float32 / float64 / exactly
         self.stats = dict(entries=n * (n - 1), ambiguous=0, f32=0, f64=0, exact=0, escalated=0)
+        self.buf64: Tensor | None = None
+
+    def _tables(
+        self, sdr: Tensor, sdc: Tensor, gamma: float, eta: float, f32: bool
+    ) -> tuple[Tensor, ...]:
+        """(c, s_ii + e_i, i2r band, e, s_jj + c_j, r2i band) for :meth:`_decide`."""
+        rel = (2.0**-20 if f32 else 0.0) + 4 * self.g64  # table and subtraction rounding
+        na_max, nb_max = self.na.max(), self.nb.max()
+        tol_r = (gamma + rel) * self.na * nb_max + rel * (self.c.max() + sdr.abs())
+        tol_c = (gamma + rel) * na_max * self.nb + rel * (self.e.max() + sdc.abs())
+        tol_r = (tol_r + self.eps + eta) * _SAFETY
+        tol_c = (tol_c + self.eps + eta) * _SAFETY
+        tabs = (self.c, sdr, tol_r, self.e, sdc, tol_c)
+        return tuple(t.float() for t in tabs) if f32 else tabs
 
     def screen(self, name: str) -> _Screen:
         if name not in self.screens:
@@ -492,15 +510,13 @@ class _ExactRanker:
 
     def _pairs(self, amb_r: Tensor, amb_c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(local row, column, ambiguous for i2r, ambiguous for r2i) of the flagged entries."""
-        flat_r, flat_c = amb_r.view(-1), amb_c.view(-1)
-        nzw = (flat_r | flat_c).nonzero().squeeze(1)
-        br = flat_r[nzw].view(torch.uint8).view(-1, 8)
-        bc = flat_c[nzw].view(torch.uint8).view(-1, 8)
-        sel = (br | bc).nonzero()
-        pos = nzw[sel[:, 0]] * 8 + sel[:, 1]
-        fr = br[sel[:, 0], sel[:, 1]].bool()
-        fc = bc[sel[:, 0], sel[:, 1]].bool()
-        return pos // self.npad, pos % self.npad, fr, fc
+        rw = (amb_r | amb_c).nonzero()  # (row, word) of the words holding a flag
+        br = amb_r[rw[:, 0], rw[:, 1]].view(torch.uint8).view(-1, 8)
+        bc = amb_c[rw[:, 0], rw[:, 1]].view(torch.uint8).view(-1, 8)
+        fr, fc = br.view(-1).bool(), bc.view(-1).bool()
+        sel = (fr | fc).nonzero().squeeze(1)  # word * 8 + byte
+        word = sel >> 3
+        return rw[word, 0], rw[word, 1] * 8 + (sel & 7), fr[sel], fc[sel]
 
     # -- re-checks -----------------------------------------------------------------------
 
@@ -508,25 +524,35 @@ class _ExactRanker:
         self, s: int, bs: int, ii: Tensor, jj: Tensor, fr: Tensor, fc: Tensor, level: str
     ) -> None:
         """Decide the flagged entries of rows ``s + ii`` and add the closer ones to the counts."""
+        gi = ii + s
         if level == "bf16":  # float32 dot products, each recipe row read once
             g = _sampled_dots(self.b, self.a[s : s + bs], jj, ii)
             self.stats["f32"] += len(g)
-            u_in = _fp32_matmul_unit(self.a.device)
-            gamma, eta = self.g32 + u_in * 3, 2 * (self.d + 1) * 2.0**-126
-            keep_r, keep_c = self._decide(ii + s, jj, fr, fc, g.double(), gamma, eta)
-            keep = keep_r | keep_c
-            ii, jj, fr, fc = ii[keep], jj[keep], keep_r[keep], keep_c[keep]
-        if level != "fp64" and len(ii):  # float64 dot products of the few left
-            uj, inv = torch.unique(jj, return_inverse=True)
-            g = _sampled_dots(self.b[uj].double(), self.a[s : s + bs].double(), inv, ii)
-            self.stats["f64"] += len(g)
-            eta = 2 * (self.d + 1) * 2.0**-1022
-            keep_r, keep_c = self._decide(ii + s, jj, fr, fc, g, self.g64, eta)
-            keep = keep_r | keep_c
-            ii, jj, fr, fc = ii[keep], jj[keep], keep_r[keep], keep_c[keep]
-        if len(ii):
-            self.stats["exact"] += len(ii)
-            self._exact(ii + s, jj, fr, fc)
+            fr, fc = self._decide(gi, jj, fr, fc, g, self.tol32)
+            keep = fr | fc
+            gi, jj, fr, fc = gi[keep], jj[keep], fr[keep], fc[keep]
+        if level != "fp64" and len(gi):  # float64 dot products of the few left
+            for p in range(0, len(gi), _PAIR_CHUNK):
+                sl = slice(p, p + _PAIR_CHUNK)
+                fr[sl], fc[sl] = self._decide64(gi[sl], jj[sl], fr[sl], fc[sl])
+            keep = fr | fc
+            gi, jj, fr, fc = gi[keep], jj[keep], fr[keep], fc[keep]
+        if len(gi):
+            self.stats["exact"] += len(gi)
+            self._exact(gi, jj, fr, fc)
+
+    def _decide64(self, gi: Tensor, jj: Tensor, fr: Tensor, fc: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_decide` with float64 dot products, the rows converted into reused buffers."""
+        ui, inv_i = torch.unique(gi, return_inverse=True)
+        uj, inv_j = torch.unique(jj, return_inverse=True)
+        if self.buf64 is None:
+            self.buf64 = torch.empty(2, _PAIR_CHUNK, self.d, dtype=torch.float64, device=gi.device)
+        ra, rb = self.buf64[0, : len(ui)], self.buf64[1, : len(uj)]
+        ra.copy_(self.a[ui])
+        rb.copy_(self.b[uj])
+        g = _sampled_dots(rb, ra, inv_j, inv_i)
+        self.stats["f64"] += len(g)
+        return self._decide(gi, jj, fr, fc, g, self.tol64)
 
     def _decide(
         self,
@@ -535,21 +561,23 @@ class _ExactRanker:
         fr: Tensor,
         fc: Tensor,
         g: Tensor,
-        gamma: float,
-        eta: float,
+        tabs: tuple[Tensor, ...],
     ) -> tuple[Tensor, Tensor]:
-        """Count the entries whose dot ``g`` (error <= gamma |a||b| + eta) clears the band.
+        """Count the flagged entries whose dot ``g`` clears the re-check band.
 
-        Returns the flags of the entries left undecided (i2r, r2i).
+        ``g`` has the dtype of the tables ``tabs`` (float32 or float64), whose tolerances cover
+        the dot product's error bound and the rounding of everything below. Returns the flags
+        (i2r, r2i) of the entries still undecided.
         """
+        c, sdr, tol_r, e, sdc, tol_c = tabs
         # i2r: s_ij - s_ii = g_ij - c_j - (g_ii - c_i)
+        v = g - c[jj] - sdr[gi]
+        done_r = v.abs() > tol_r[gi]
+        self.i2r += torch.bincount(gi[fr & done_r & (v > 0)], minlength=self.n)
         # r2i: s_ij - s_jj = g_ij - e_i - (g_jj - e_j)
-        v_r = g - self.c[jj] - self.sdr[gi]
-        v_c = g - self.e[gi] - self.sdc[jj]
-        err = (gamma + 4 * self.g64) * self.na[gi] * self.nb[jj] + eta
-        done_r = v_r.abs() > (err + self.kr[gi]) * _SAFETY
-        done_c = v_c.abs() > (err + self.kc[jj]) * _SAFETY
-        self._add(gi, jj, fr & done_r & (v_r > 0), fc & done_c & (v_c > 0))
+        v = g - e[gi] - sdc[jj]
+        done_c = v.abs() > tol_c[jj]
+        self.r2i += torch.bincount(jj[fc & done_c & (v > 0)], minlength=self.n)
         return fr & ~done_r, fc & ~done_c
 
     def _add(self, gi: Tensor, jj: Tensor, closer_r: Tensor, closer_c: Tensor) -> None:
