@@ -365,6 +365,24 @@ def _copies(x: Tensor) -> Tensor | None:
     return gid if bool((gid != idx).any()) else None
 
 
+def _needed(surely: Tensor, ambiguous: Tensor, ks: Sequence[int]) -> Tensor:
+    """Queries whose rank interval [surely + 1, surely + ambiguous + 1] can change a statistic.
+
+    That is: it straddles a recall cut-off K (rank <= K undecided), or it meets the window
+    [k-th smallest lower bound, k'-th smallest upper bound] that holds numpy's middle order
+    statistics k = (n - 1) // 2 and k' = n // 2.
+    """
+    lo, hi = surely + 1, surely + ambiguous + 1
+    open_ = hi > lo
+    n = len(lo)
+    w_lo = lo.sort().values[(n - 1) // 2]
+    w_hi = hi.sort().values[n // 2]
+    need = (lo <= w_hi) & (hi >= w_lo)
+    for k in ks:
+        need |= (lo <= k) & (hi > k)
+    return need & open_
+
+
 class _ExactRanker:
     """Exact i2r and r2i ranks of aligned float32 embeddings, screened block by block."""
 
@@ -374,19 +392,18 @@ class _ExactRanker:
         n, d, dev = self.n, self.d, a.device
         euclid = metric == "euclidean"
         self.g64 = _gamma(d + 8, _U64)
-        # float32 norms rounded up: they only enter error bounds
-        up = 1 + 2 * _gamma(d + 2, _U32)
-        self.na, self.nb = _norms(a).double() * up, _norms(b).double() * up
-        # float64 (error <= g64 x magnitude): true-match dot products, half squared norms
-        self.gd = torch.empty(n, dtype=torch.float64, device=dev)
-        self.e = torch.zeros(n, dtype=torch.float64, device=dev)
-        self.c = torch.zeros(n, dtype=torch.float64, device=dev)
+        # float64 (error <= g64 x magnitude): true-match dot products, squared norms
+        self.gd, sq_a, sq_b = (torch.empty(n, dtype=torch.float64, device=dev) for _ in "abc")
         for r in range(0, n, _ROWS):
             sl = slice(r, r + _ROWS)
             self.gd[sl] = _dots64(a[sl], b[sl])
-            if euclid:
-                self.e[sl] = 0.5 * _dots64(a[sl], a[sl])
-                self.c[sl] = 0.5 * _dots64(b[sl], b[sl])
+            sq_a[sl], sq_b[sl] = _dots64(a[sl], a[sl]), _dots64(b[sl], b[sl])
+        if not bool(torch.isfinite(sq_a + sq_b).all()):  # any inf or NaN coordinate shows here
+            raise ValueError("retrieval: embeddings contain NaN or inf")
+        # norms rounded up: they only enter error bounds
+        self.na, self.nb = (x.sqrt() * (1 + 4 * self.g64) for x in (sq_a, sq_b))
+        zero = torch.zeros_like(sq_a)
+        self.e, self.c = (0.5 * sq_a, 0.5 * sq_b) if euclid else (zero, zero)
         self.sd = self.gd - self.e - self.c  # exact-score threshold of each pair
         # float64 error of sd (and of e, c, gd separately), doubled for the final subtraction
         self.eps = 4 * self.g64 * (self.na * self.nb + self.e + self.c)
@@ -418,6 +435,10 @@ class _ExactRanker:
         # entries screened, flagged ambiguous, re-checked in float32 / float64 / exactly
         self.stats = dict(entries=n * (n - 1), ambiguous=0, f32=0, f64=0, exact=0, escalated=0)
         self.buf64: Tensor | None = None
+        self.defer = False
+        self.pending: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+        self.amb_r = torch.zeros(n, dtype=torch.long, device=dev)
+        self.amb_c = torch.zeros(n, dtype=torch.long, device=dev)
 
     def _tables(
         self, sdr: Tensor, sdc: Tensor, gamma: float, eta: float, f32: bool
@@ -437,7 +458,17 @@ class _ExactRanker:
             self.screens[name] = _Screen(self, name)
         return self.screens[name]
 
-    def run(self) -> tuple[Tensor, Tensor]:
+    def run(self, ks: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        """Exact ranks (``ks=None``), or ranks exact enough for MedR and R@K at ``ks``.
+
+        With ``ks`` the ambiguous entries are only kept while screening; afterwards every rank
+        is known to lie in [surely closer + 1, surely closer + ambiguous + 1], and only the
+        queries whose interval straddles a cut-off K or meets the median window are resolved.
+        The others keep their lower bound, which leaves numpy's median and every R@K unchanged:
+        their interval lies entirely on one side of each cut-off and of both middle order
+        statistics, in the true and in the returned ranks alike.
+        """
+        self.defer = ks is not None
         first = 0  # a bag is homogeneous: once a block needed a finer screen, start there
         for s, e in zip(self.bounds, self.bounds[1:]):
             for lv in range(first, len(self.levels)):
@@ -445,6 +476,16 @@ class _ExactRanker:
                     break
                 self.stats["escalated"] += 1
                 first = lv + 1
+        if self.defer and self.pending:
+            need_r = _needed(self.i2r, self.amb_r, ks)
+            need_c = _needed(self.r2i, self.amb_c, ks)
+            for level, parts in self.pending.items():
+                gi, jj, fr, fc = (torch.cat(t) for t in zip(*parts))
+                fr &= need_r[gi]
+                fc &= need_c[jj]
+                keep = fr | fc
+                if bool(keep.any()):
+                    self.resolve(gi[keep], jj[keep], fr[keep], fc[keep], level, None)
         return self.i2r + 1, self.r2i + 1
 
     # -- one row block -------------------------------------------------------------------
@@ -492,8 +533,13 @@ class _ExactRanker:
         self.i2r[s:e] += self._swar_rows(w[0])
         self.r2i += self._swar_cols(w[2])[:n]
         self.stats["ambiguous"] += len(ii)
-        if len(ii):
-            self.resolve(s, bs, ii, jj, fr, fc, level)
+        if len(ii) and self.defer:
+            gi = ii + s
+            self.pending.setdefault(level, []).append((gi, jj, fr, fc))
+            self.amb_r += torch.bincount(gi[fr], minlength=n)
+            self.amb_c += torch.bincount(jj[fc], minlength=n)
+        elif len(ii):
+            self.resolve(ii + s, jj, fr, fc, level, (s, bs))
         return True
 
     def _swar_rows(self, w: Tensor) -> Tensor:
@@ -521,12 +567,23 @@ class _ExactRanker:
     # -- re-checks -----------------------------------------------------------------------
 
     def resolve(
-        self, s: int, bs: int, ii: Tensor, jj: Tensor, fr: Tensor, fc: Tensor, level: str
+        self,
+        gi: Tensor,
+        jj: Tensor,
+        fr: Tensor,
+        fc: Tensor,
+        level: str,
+        rows: tuple[int, int] | None,
     ) -> None:
-        """Decide the flagged entries of rows ``s + ii`` and add the closer ones to the counts."""
-        gi = ii + s
+        """Decide the flagged entries (gi, jj) and add the closer ones to the counts.
+
+        ``rows``: (first, count) of the row block they all come from (its rows stay cached).
+        """
         if level == "bf16":  # float32 dot products, each recipe row read once
-            g = _sampled_dots(self.b, self.a[s : s + bs], jj, ii)
+            if rows is None:
+                g = _sampled_dots(self.b, self.a, jj, gi)
+            else:
+                g = _sampled_dots(self.b, self.a[rows[0] : rows[0] + rows[1]], jj, gi - rows[0])
             self.stats["f32"] += len(g)
             fr, fc = self._decide(gi, jj, fr, fc, g, self.tol32)
             keep = fr | fc
@@ -647,6 +704,19 @@ def pair_ranks(
     Returns:
         ``(ranks_i2r, ranks_r2i)``, int64 ``(N,)`` each.
     """
+    return _ranks(img, rec, metric, chunk, precision, stats, None)
+
+
+def _ranks(
+    img: Tensor,
+    rec: Tensor,
+    metric: str,
+    chunk: int,
+    precision: str,
+    stats: dict[str, int] | None,
+    ks: Sequence[int] | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`pair_ranks`, or with ``ks`` ranks that give the same MedR and R@K (cheaper)."""
     if img.shape != rec.shape or img.dim() != 2:
         raise ValueError(f"need two (N, D) tensors of equal shape, got {img.shape}, {rec.shape}")
     if metric not in METRICS:
@@ -656,14 +726,12 @@ def pair_ranks(
         a = torch.nn.functional.normalize(a, dim=1)
         b = torch.nn.functional.normalize(b, dim=1)
     a, b = a.contiguous(), b.contiguous()
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-        raise ValueError("retrieval: embeddings contain NaN or inf")
     if a.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long, device=a.device)
         return empty, empty.clone()
     prec = _resolve_precision(precision, a.device, a.shape[0])
     ranker = _ExactRanker(a, b, metric, prec, chunk)
-    ranks = ranker.run()
+    ranks = ranker.run(ks)
     if stats is not None:
         for key, v in ranker.stats.items():
             stats[key] = stats.get(key, 0) + v
@@ -740,7 +808,8 @@ def retrieval_metrics(
         ranks = {d: [] for d in DIRECTIONS}
         for idx in bag_indices(pool, n, nb, seed):
             sel = torch.from_numpy(idx).to(img.device)
-            i2r, r2i = pair_ranks(img[sel], rec[sel], metric, precision=precision, stats=stats)
+            # ranks exact where MedR or R@K depend on them (see _ExactRanker.run)
+            i2r, r2i = _ranks(img[sel], rec[sel], metric, 512, precision, stats, ks)
             ranks["i2r"].append(i2r)
             ranks["r2i"].append(r2i)
         for d in directions:
