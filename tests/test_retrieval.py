@@ -15,6 +15,7 @@ from jointgen.eval.retrieval import (
     RecipeRetrieval,
     _bf16_matmul_accumulates_in_fp32,
     _ExactRanker,
+    _needed,
     bag_indices,
     decode_ids,
     distance_matrix,
@@ -23,6 +24,7 @@ from jointgen.eval.retrieval import (
     pair_ranks,
     rank_summary,
     retrieval_metrics,
+    size_label,
 )
 
 
@@ -204,6 +206,40 @@ class TestExactRanks:
         assert res["fp32"] == res["bf16_checked"]
         assert st["entries"] == 2 * 2 * (300 * 299 + 600 * 599)
         assert 0 < st["f32"] <= st["ambiguous"] < st["entries"]
+
+    @pytest.mark.parametrize("precision", PRECISIONS)
+    def test_metrics_resolve_only_what_medr_and_recall_need(self, precision):
+        # random regime: most ambiguous entries sit in ranks far from the median and from K
+        _needs_bf16(precision)
+        img, rec = _regime("random", n=900, d=64, seed=4)
+        for size, ks in ((900, (1, 5, 10)), (601, (2, 30)), (300, (1,))):
+            st: dict[str, int] = {}
+            res = retrieval_metrics(img, rec, (size,), 3, ks=ks, precision=precision, stats=st)
+            per = {"i2r": [], "r2i": []}
+            for idx in bag_indices(900, size, 3, 1234):
+                i2r, r2i = pair_ranks(img[idx], rec[idx], precision=precision)
+                per["i2r"].append(i2r)
+                per["r2i"].append(r2i)
+            for d, ranks in per.items():
+                for stat, v in rank_summary(torch.stack(ranks), ks).items():
+                    assert res[f"{stat}_{d}_{size_label(size)}"] == v
+            checked = st["f32"] if precision == "bf16_checked" else st["f64"]
+            assert checked < st["ambiguous"] / 2  # the point: most are never re-checked
+
+    def test_needed_keeps_median_and_recall(self):
+        # random rank intervals; the true ranks anywhere inside; lower bounds where not needed
+        g = torch.Generator().manual_seed(0)
+        differs = 0
+        for trial in range(200):
+            n = int(torch.randint(1, 40, (1,), generator=g))
+            surely = torch.randint(0, 30, (n,), generator=g)
+            amb = torch.randint(0, 6, (n,), generator=g) * (torch.rand(n, generator=g) < 0.7)
+            true = surely + 1 + (torch.rand(n, generator=g) * (amb + 1)).long().clamp(max=amb)
+            need = _needed(surely, amb, (1, 5, 10))
+            proxy = torch.where(need, true, surely + 1)
+            assert rank_summary(proxy) == rank_summary(true), trial
+            differs += bool((proxy != true).any())
+        assert differs > 50  # the proxy really leaves ranks unresolved
 
     @pytest.mark.parametrize("kind", ["random", "aligned"])
     def test_bf16_screen_error_is_within_its_bound(self, kind):
