@@ -74,7 +74,11 @@ def main() -> None:
     if ":" in scale:
         scale = {k: float(v) for k, v in (kv.split(":") for kv in scale.split(","))}
     frozen = tuple(m for m in args.cross_frozen.split(",") if m)
-    net = JointVAE(image, text, fusion=args.fusion, likelihood_scale=scale, cross_frozen=frozen)
+    net = JointVAE(
+        image, text, fusion=args.fusion, likelihood_scale=scale, cross_frozen=frozen,
+        kl_align=tuple(m for m in args.kl_align.split(",") if m),
+        kl_align_weight=args.kl_align_weight,
+    )  # fmt: skip
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     sched = None
     if args.cosine:

@@ -571,7 +571,7 @@ class TestCrossOptions:
             tiny_model(cross_frozen=("audio",))
 
     def test_kl_align_matches_torch_and_skips_the_cross_image_term(self):
-        from jointgen.models.joint.objectives import Encoded, TermLog, _align_kl
+        from jointgen.models.joint.objectives import Encoded, TermLog, align_kl
 
         g = torch.Generator().manual_seed(3)
         q = {m: Normal(torch.randn(4, Z, generator=g), 0.3 * torch.randn(4, Z, generator=g))
@@ -579,7 +579,7 @@ class TestCrossOptions:
         obs = {"img": torch.tensor([True, True, False, True]), "txt": torch.ones(4, dtype=bool)}
         enc = Encoded({}, obs, q, {})
         log = TermLog()
-        got = _align_kl(enc, "img", log)
+        got = align_kl(enc, "img", log)
         td = torch.distributions
         ref = td.kl_divergence(
             td.Normal(q["img"].loc, q["img"].log_scale.exp()),
@@ -590,7 +590,7 @@ class TestCrossOptions:
         loc = q["img"].loc.requires_grad_()
         q["img"] = Normal(loc, q["img"].log_scale)
         q["txt"].loc.requires_grad_()
-        _align_kl(Encoded({}, obs, q, {}), "img", TermLog()).sum().backward()
+        align_kl(Encoded({}, obs, q, {}), "img", TermLog()).sum().backward()
         assert loc.grad is None and q["txt"].loc.grad is not None
         # in the model: the caption stratum no longer decodes the image
         batch = tiny_batch()
@@ -598,8 +598,15 @@ class TestCrossOptions:
         out = tiny_model(likelihood_scale="none", kl_align=("img",))(batch, 1.0)
         assert "loglik_cross/img" not in out.terms and "loglik_cross/txt" in out.terms
         assert out.terms["kl_align/txt_img"] > 0
+        for fusion in ("poe", "mopoe"):  # the KL is added to their bounds
+            torch.manual_seed(0)
+            base = tiny_model(fusion, likelihood_scale="none")(batch, 1.0)
+            torch.manual_seed(0)
+            out = tiny_model(fusion, likelihood_scale="none", kl_align=("img",))(batch, 1.0)
+            kl = out.terms["kl_align/txt_img"]
+            torch.testing.assert_close(out.loss, base.loss + kl, rtol=1e-4, atol=1e-3)
         with pytest.raises(ValueError, match="kl_align"):
-            tiny_model("poe", kl_align=("img",))
+            tiny_model(family="laplace", kl_align=("img",))
 
     @pytest.mark.parametrize("aux", [False, True])
     def test_caption_to_image_private_prior(self, aux, monkeypatch):

@@ -25,6 +25,7 @@ from jointgen.models.joint.objectives import (
     OBJECTIVES,
     BoundOptions,
     Encoded,
+    align_kl,
     mopoe_bound,
     poe_bound,
     resolve_likelihood_scales,
@@ -123,10 +124,10 @@ class JointVAE(nn.Module):
             raise ValueError(f"cross_frozen needs fusion moe or mmvae_plus, got {fusion!r}")
         self.cross_frozen = tuple(cross_frozen)
         bad = set(kl_align) - set(MODALITIES)
-        if bad or (kl_align and (fusion not in ("moe", "mmvae_plus") or image.family != "normal")):
+        if bad or (kl_align and image.family != "normal"):
             raise ValueError(
-                f"kl_align needs known modalities (got {list(kl_align)}), fusion moe or "
-                f"mmvae_plus and normal posteriors (got {fusion!r}, {image.family!r})"
+                f"kl_align needs known modalities (got {list(kl_align)}) and normal "
+                f"posteriors (got {image.family!r})"
             )
         self.kl_align, self.kl_align_weight = tuple(kl_align), float(kl_align_weight)
         self.fusion, self.prior_expert, self.objective = fusion, prior_expert, objective
@@ -172,10 +173,11 @@ class JointVAE(nn.Module):
         )  # fmt: skip
         if self.fusion in ("moe", "mmvae_plus"):
             bound, log = stratified_bound(self.branches, enc, opts, self.fusion == "mmvae_plus")
-        elif self.fusion == "poe":
-            bound, log = poe_bound(self.branches, enc, opts)
         else:
-            bound, log = mopoe_bound(self.branches, enc, opts)
+            bound_fn = poe_bound if self.fusion == "poe" else mopoe_bound
+            bound, log = bound_fn(self.branches, enc, opts)
+            for n in self.kl_align:  # no cross term to drop here: the KL is added
+                bound = bound - self.kl_align_weight * align_kl(enc, n, log)
         loss = -bound.mean()
         terms = {**log.means(), "bound": bound.detach().mean()}
         return JointOutput(loss, bound.detach(), terms)

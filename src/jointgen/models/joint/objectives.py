@@ -270,11 +270,11 @@ def stratified_bound(
         latents.append([z] + [w for t in terms.values() for w in t.latents])
     bound = reduce_strata(lws, valid, latents, opts.objective, opts.looser)
     for n in opts.kl_align:
-        bound = bound - opts.kl_align_weight * _align_kl(enc, n, log)
+        bound = bound - opts.kl_align_weight * align_kl(enc, n, log)
     return bound, log
 
 
-def _align_kl(enc: Encoded, n: str, log: TermLog) -> torch.Tensor:
+def align_kl(enc: Encoded, n: str, log: TermLog) -> torch.Tensor:
     """sum over the other experts m of KL(sg[q_n(z | x_n)] || q_m(z | x_m)) on the samples that
     observe both, ``(B,)``: trains q_m as a conditional prior that covers the posteriors of
     every x_n it goes with, instead of (through the cross likelihood) a point whose decoding
