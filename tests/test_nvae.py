@@ -338,3 +338,60 @@ class TestObjective:
         bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         bns[0].weight.data[3] = -5.0
         assert bn_loss(net).item() == pytest.approx(5.0 + (len(bns) - 1) * 1.0)
+
+
+class TestMemoryLeanFormulations:
+    """The memory-saving kernels give the numbers of the straightforward formulas."""
+
+    @pytest.mark.parametrize("channels_last", [False, True])
+    @pytest.mark.parametrize("chunk", [1, 1 << 10, 1 << 30])  # 1 image, 2 images, the batch
+    def test_dmol_fused_matches_autograd(self, monkeypatch, channels_last, chunk):
+        import jointgen.models.nvae.distributions as dist_mod
+
+        monkeypatch.setitem(dist_mod._CHUNK_ELEMENTS, "cpu", chunk)
+        torch.manual_seed(0)
+        params = torch.randn(5, DiscMixLogistic.num_params(3, 4), 6, 7) * 2
+        if channels_last:
+            params = params.contiguous(memory_format=torch.channels_last)
+        x = torch.round(torch.rand(5, 3, 6, 7) * 255) / 255
+        x[:, :, 0] = 0.0  # edge levels take the open tails
+        x[:, :, 1] = 1.0
+        g = torch.randn(5, 6, 7)
+        a = params.clone().requires_grad_()
+        lp = DiscMixLogistic(a, 3, 4).log_prob(x)  # the fused, chunked kernel
+        lp.backward(g)
+        b = params.clone().requires_grad_()
+        ref = DiscMixLogistic(b, 3, 4)._log_prob_autograd(x)
+        ref.backward(g)
+        assert torch.allclose(lp, ref, atol=1e-5)
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            assert torch.allclose(DiscMixLogistic(params, 3, 4).log_prob(x), ref, atol=1e-5)
+
+    @pytest.mark.parametrize("channels_last", [False, True])
+    def test_recomputed_bn_swish_matches_plain(self, channels_last):
+        from jointgen.models.nvae.layers import BNSwish
+
+        torch.manual_seed(0)
+        plain, lean = BNSwish(6, recompute=False), BNSwish(6, recompute=True)
+        with torch.no_grad():
+            plain.bn.weight.uniform_(0.5, 1.5)
+            plain.bn.bias.uniform_(-0.5, 0.5)
+        lean.load_state_dict(plain.state_dict())
+        x = torch.randn(4, 6, 5, 7) * 3 + 20  # a large mean stresses the input gradient
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        g = torch.randn(4, 6, 5, 7)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = plain(xa), lean(xb)
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.allclose(ya, yb, atol=1e-6)
+        assert torch.allclose(xa.grad, xb.grad, rtol=1e-4, atol=1e-6)
+        for name in ("weight", "bias"):
+            ga, gb = getattr(plain.bn, name).grad, getattr(lean.bn, name).grad
+            assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(plain.bn, name), getattr(lean.bn, name))
+        if channels_last:
+            assert xb.grad.is_contiguous(memory_format=torch.channels_last)

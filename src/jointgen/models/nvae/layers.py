@@ -232,7 +232,12 @@ def batch_norm(c: int) -> BatchNorm2d:
 
 class _BNSwishFn(torch.autograd.Function):
     """Training-mode BN then Swish, storing only the BN input; backward recomputes the BN
-    output with one fused multiply-add (NVAE's fused BN-Swish, written with aten ops)."""
+    output with one fused multiply-add (NVAE's fused BN-Swish, written with aten ops).
+
+    Backward allocates a single full-size buffer, which holds in turn the recomputed BN output,
+    the Swish gradient and the input gradient: torch's batch-norm backward would take two more
+    (its result and a temporary), at the memory peak of a checkpointed cell's backward.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
@@ -241,19 +246,32 @@ class _BNSwishFn(torch.autograd.Function):
         )
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
-        return F.silu(y)
+        return F.silu(y, inplace=True)  # y itself is not needed for backward
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight, bias, mean, invstd = ctx.saved_tensors
+        shape = (1, -1, 1, 1)
         scale = invstd * weight
-        shift = (bias - mean * scale).view(1, -1, 1, 1)
-        y = torch.addcmul(shift, x, scale.view(1, -1, 1, 1)).to(x.dtype)
-        gy = torch.ops.aten.silu_backward(grad.contiguous(memory_format=_format(x)), y)
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            gy, x, weight, None, None, mean, invstd, True, ctx.eps, ctx.needs_input_grad[:3]
+        shift = bias - mean * scale
+        buf = torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)  # BN output
+        grad = grad.contiguous(memory_format=_format(x))
+        gy = torch.ops.aten.silu_backward.grad_input(grad, buf, grad_input=buf)
+        # per-channel sums: gb = sum(gy), gw = sum(gy * (x - mean)) * invstd; with the input
+        # gradient masked out torch computes them without full-size temporaries
+        _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            gy, x, weight, None, None, mean, invstd, True, ctx.eps, (False, True, True)
         )
+        gx = None
+        if ctx.needs_input_grad[0]:
+            # gx = scale * (gy - gb / n - (x - mean) * invstd * gw / n), written into gy
+            n = x.numel() // x.shape[1]
+            k2 = scale * invstd * gw / -n
+            k3 = scale * gb / -n - mean * k2
+            gx = gy.mul_(scale.view(shape)).addcmul_(x, k2.view(shape)).add_(k3.view(shape))
+        gw = gw if ctx.needs_input_grad[1] else None
+        gb = gb if ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None, None, None
 
 
