@@ -240,10 +240,13 @@ class _Screen:
         kappa = float(rk.sd.median().to(dt)) if name == "bf16" else 0.0
         extra = (2 * n_limbs if euclid else 0) + (1 if kappa else 0)
         k = -(-(d + extra) // 16) * 16
-        self.A = torch.zeros(n, k, dtype=dt, device=dev)
-        self.Bt = torch.zeros(rk.npad, k, dtype=dt, device=dev)
+        self.A = torch.empty(n, k, dtype=dt, device=dev)
+        self.Bt = torch.empty(rk.npad, k, dtype=dt, device=dev)
         self.A[:, :d] = rk.a
         self.Bt[:n, :d] = rk.b
+        self.A[:, d:] = 0
+        self.Bt[:n, d:] = 0
+        self.Bt[n:] = 0
 
         if name == "bf16":  # rounding residuals (exact in float32) and rounded norms
             up = 1 + 2 * _gamma(d + 2, _U32)  # float32 norms rounded up to bounds
@@ -314,8 +317,8 @@ def _norms(x: Tensor) -> Tensor:
 
 
 def _dots64(x: Tensor, y: Tensor) -> Tensor:
-    """Row-wise float64 dot products of float32 rows (products exact in float64)."""
-    return torch.bmm(x.double().unsqueeze(1), y.double().unsqueeze(2)).view(-1)
+    """Row-wise dot products of float64 rows."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
 
 
 def _sampled_dots(rows: Tensor, cols: Tensor, r: Tensor, c: Tensor) -> Tensor:
@@ -396,8 +399,9 @@ class _ExactRanker:
         self.gd, sq_a, sq_b = (torch.empty(n, dtype=torch.float64, device=dev) for _ in "abc")
         for r in range(0, n, _ROWS):
             sl = slice(r, r + _ROWS)
-            self.gd[sl] = _dots64(a[sl], b[sl])
-            sq_a[sl], sq_b[sl] = _dots64(a[sl], a[sl]), _dots64(b[sl], b[sl])
+            a64, b64 = a[sl].double(), b[sl].double()  # float32 products are exact in float64
+            self.gd[sl] = _dots64(a64, b64)
+            sq_a[sl], sq_b[sl] = _dots64(a64, a64), _dots64(b64, b64)
         if not bool(torch.isfinite(sq_a + sq_b).all()):  # any inf or NaN coordinate shows here
             raise ValueError("retrieval: embeddings contain NaN or inf")
         # norms rounded up: they only enter error bounds
@@ -423,6 +427,7 @@ class _ExactRanker:
         self.groups = -(-words // 255)
         self.group_len = -(-words // self.groups)
         self.npad = 8 * self.groups * self.group_len
+        self.words = self.npad // 8  # packed flag words per row
         self.levels = ["bf16", "fp32", "fp64"] if precision == "bf16_checked" else ["fp32", "fp64"]
         self.screens: dict[str, _Screen] = {}
         n_blocks = max(1, -(-n // max(1, chunk)))
@@ -436,7 +441,7 @@ class _ExactRanker:
         self.stats = dict(entries=n * (n - 1), ambiguous=0, f32=0, f64=0, exact=0, escalated=0)
         self.buf64: Tensor | None = None
         self.defer = False
-        self.pending: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+        self.pending: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
         self.amb_r = torch.zeros(n, dtype=torch.long, device=dev)
         self.amb_c = torch.zeros(n, dtype=torch.long, device=dev)
 
@@ -479,13 +484,16 @@ class _ExactRanker:
         if self.defer and self.pending:
             need_r = _needed(self.i2r, self.amb_r, ks)
             need_c = _needed(self.r2i, self.amb_c, ks)
+            pad = self.npad - self.n
+            need_c = torch.nn.functional.pad(need_c, (0, pad)).view(torch.int64)  # as flag words
             for level, parts in self.pending.items():
-                gi, jj, fr, fc = (torch.cat(t) for t in zip(*parts))
-                fr &= need_r[gi]
-                fc &= need_c[jj]
-                keep = fr | fc
-                if bool(keep.any()):
-                    self.resolve(gi[keep], jj[keep], fr[keep], fc[keep], level, None)
+                words, wr, wc = (torch.cat(t) for t in zip(*parts))
+                wr = wr * need_r[words // self.words]  # keep the words of needed rows
+                wc = wc & need_c[words % self.words]  # and the flags of needed columns
+                keep = ((wr | wc) != 0).nonzero().squeeze(1)
+                if len(keep):
+                    gi, jj, fr, fc = self._expand(words[keep], wr[keep], wc[keep])
+                    self.resolve(gi, jj, fr, fc, level, None)
         return self.i2r + 1, self.r2i + 1
 
     # -- one row block -------------------------------------------------------------------
@@ -525,21 +533,26 @@ class _ExactRanker:
             m[2, :, :n] &= ~tie
             m[3, :, :n] &= ~tie
         w = self.masks[:, :bs].view(torch.int64)  # 8 flags per word
-        amb_r = w[1] ^ w[0]
-        amb_c = w[3] ^ w[2]
-        ii, jj, fr, fc = self._pairs(amb_r, amb_c)
-        if level != self.levels[-1] and len(ii) > _ESCALATE * bs * n:
+        amb_r = w[1] ^ w[0]  # inside the i2r band
+        amb_c = w[3] ^ w[2]  # inside the r2i band
+        n_r, n_c = self._swar_rows(amb_r), self._swar_cols(amb_c)[:n]
+        n_amb = int(n_r.sum()) + int(n_c.sum())
+        if level != self.levels[-1] and n_amb > 2 * _ESCALATE * bs * n:
             return False
         self.i2r[s:e] += self._swar_rows(w[0])
         self.r2i += self._swar_cols(w[2])[:n]
-        self.stats["ambiguous"] += len(ii)
-        if len(ii) and self.defer:
-            gi = ii + s
-            self.pending.setdefault(level, []).append((gi, jj, fr, fc))
-            self.amb_r += torch.bincount(gi[fr], minlength=n)
-            self.amb_c += torch.bincount(jj[fc], minlength=n)
-        elif len(ii):
-            self.resolve(ii + s, jj, fr, fc, level, (s, bs))
+        self.stats["ambiguous"] += n_amb
+        if not n_amb:
+            return True
+        words = (amb_r | amb_c).view(-1).nonzero().squeeze(1)
+        wr, wc = amb_r.view(-1)[words], amb_c.view(-1)[words]
+        if self.defer:  # keep the flagged words; resolve what the statistics need at the end
+            self.amb_r[s:e] += n_r
+            self.amb_c += n_c
+            self.pending.setdefault(level, []).append((words + s * self.words, wr, wc))
+        else:
+            gi, jj, fr, fc = self._expand(words + s * self.words, wr, wc)
+            self.resolve(gi, jj, fr, fc, level, (s, bs))
         return True
 
     def _swar_rows(self, w: Tensor) -> Tensor:
@@ -554,15 +567,18 @@ class _ExactRanker:
             acc += w[r : r + 255].sum(0).view(torch.uint8)
         return acc
 
-    def _pairs(self, amb_r: Tensor, amb_c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(local row, column, ambiguous for i2r, ambiguous for r2i) of the flagged entries."""
-        rw = (amb_r | amb_c).nonzero()  # (row, word) of the words holding a flag
-        br = amb_r[rw[:, 0], rw[:, 1]].view(torch.uint8).view(-1, 8)
-        bc = amb_c[rw[:, 0], rw[:, 1]].view(torch.uint8).view(-1, 8)
-        fr, fc = br.view(-1).bool(), bc.view(-1).bool()
-        sel = (fr | fc).nonzero().squeeze(1)  # word * 8 + byte
-        word = sel >> 3
-        return rw[word, 0], rw[word, 1] * 8 + (sel & 7), fr[sel], fc[sel]
+    def _expand(self, words: Tensor, wr: Tensor, wc: Tensor) -> tuple[Tensor, ...]:
+        """Flagged words -> (row, column, ambiguous for i2r, ambiguous for r2i) per entry.
+
+        ``words``: flat word indices in the bag's (n, npad / 8) packed flags; ``wr``, ``wc``
+        their i2r and r2i flag words (byte k of a word is column 8 x word + k).
+        """
+        br, bc = wr.view(torch.uint8), wc.view(torch.uint8)
+        sel = (br | bc).nonzero().squeeze(1)
+        word = words[sel >> 3]
+        rows = word // self.words
+        cols = (word - rows * self.words) * 8 + (sel & 7)
+        return rows, cols, br[sel].bool(), bc[sel].bool()
 
     # -- re-checks -----------------------------------------------------------------------
 
@@ -697,9 +713,10 @@ def pair_ranks(
             twice as fast, certified by its error bound, ambiguous entries re-checked);
             ``auto`` (``bf16_checked`` on CPUs with native bfloat16 and bags of 256+, else
             ``fp32``). All give identical ranks.
-        stats: Optional dict; adds the counts of ``entries`` (off-diagonal), ``ambiguous``
-            ones re-checked in float32 (``f32``), float64 (``f64``) and ``exact``-ly, and of
-            blocks re-screened more precisely (``escalated``).
+        stats: Optional dict; adds the counts of off-diagonal ``entries``, of comparisons
+            (two per entry: i2r and r2i) the screen left ``ambiguous``, of entries re-checked
+            in float32 (``f32``), float64 (``f64``) and ``exact``-ly, and of blocks re-screened
+            more precisely (``escalated``).
 
     Returns:
         ``(ranks_i2r, ranks_r2i)``, int64 ``(N,)`` each.
