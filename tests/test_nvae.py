@@ -395,3 +395,71 @@ class TestMemoryLeanFormulations:
             assert torch.equal(getattr(plain.bn, name), getattr(lean.bn, name))
         if channels_last:
             assert xb.grad.is_contiguous(memory_format=torch.channels_last)
+
+    @pytest.mark.parametrize("channels_last", [False, True])
+    @pytest.mark.parametrize("recompute", [False, True])
+    def test_up_cell_at_low_resolution_matches_upsample_first(self, channels_last, recompute):
+        import copy
+
+        from jointgen.models.nvae.layers import InvertedResidual
+
+        torch.manual_seed(0)
+        ref = InvertedResidual(8, 4, 3, upsample=True, recompute=recompute)
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                with torch.no_grad():
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+        lean = copy.deepcopy(ref)
+        ref._low_res = lambda: False  # the straightforward order: upsample, then the cell
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        ref.to(memory_format=fmt)
+        lean.to(memory_format=fmt)
+        x = (torch.randn(3, 8, 5, 6) * 2 + 1).contiguous(memory_format=fmt)
+        g = torch.randn(3, 4, 10, 12)
+        for _ in range(2):  # the running statistics of two batches
+            results = []
+            for m in (ref, lean):
+                m.zero_grad()
+                xx = x.clone().requires_grad_()
+                y = m(xx)
+                y.backward(g)
+                results.append((y, xx.grad, {n: p.grad for n, p in m.named_parameters()}))
+        (ya, gxa, gpa), (yb, gxb, gpb) = results
+
+        def close(a, b, tol=1e-5):  # relative to the tensor's scale (sums of 360 products)
+            return (a - b).abs().max() <= tol * a.abs().max().clamp(min=1.0)
+
+        assert close(ya, yb) and close(gxa, gxb)
+        for name in gpa:  # bn_in.bias has a zero gradient (the next BN removes any shift)
+            assert close(gpa[name], gpb[name]), name
+        for (name, a), b in zip(ref.named_buffers(), lean.buffers()):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-7), name
+        ref.eval()
+        lean.eval()
+        with torch.no_grad():
+            assert torch.allclose(ref(x), lean(x), rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("kind", ["post_up", "dec_up", "enc", "dec"])
+    def test_checkpointed_cell_matches_plain(self, kind):
+        import copy
+
+        from jointgen.models.nvae.layers import Cell
+
+        torch.manual_seed(0)
+        plain = Cell(kind, 8, recompute=True).to(memory_format=torch.channels_last)
+        ckpt = copy.deepcopy(plain)
+        ckpt.checkpoint_cell = True
+        x = torch.randn(3, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+        results = []
+        for m in (plain, ckpt):
+            for _ in range(2):
+                m.zero_grad()
+                xx = x.clone().requires_grad_()
+                y = m(xx)
+                y.backward(torch.ones_like(y))
+            results.append((y, xx.grad, [p.grad for p in m.parameters()], list(m.buffers())))
+        (ya, gxa, gpa, ba), (yb, gxb, gpb, bb) = results
+        assert torch.allclose(ya, yb, atol=1e-6) and torch.allclose(gxa, gxb, atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gpa, gpb))
+        assert all(torch.equal(a, b) for a, b in zip(ba, bb))  # statistics counted once

@@ -10,6 +10,7 @@ Only torch is imported, so every block can be built and tested without Lightning
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import torch
@@ -131,33 +132,65 @@ class _DepthwiseConv(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        (ph, pw), (kh, kw) = ctx.padding, w.shape[2:]
-        fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
-        grad = grad.contiguous(memory_format=fmt)
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.convolution_backward(
-                grad,
-                x,
-                w,
-                None,
-                (1, 1),
-                (ph, pw),
-                (1, 1),
-                False,
-                (0, 0),
-                w.shape[0],
-                (True, False, False),
-            )[0]
-        if ctx.needs_input_grad[1]:
-            h, wd = grad.shape[2:]
-            xp = F.pad(x, (pw, pw, ph, ph))
-            gw = torch.empty(w.shape[0], kh, kw, dtype=w.dtype, device=w.device)
-            for i in range(kh):
-                for j in range(kw):
-                    gw[:, i, j] = (xp[:, :, i : i + h, j : j + wd] * grad).sum((0, 2, 3))
-            gw = gw.unsqueeze(1).contiguous(memory_format=fmt)
+        gx, gw = _depthwise_backward(grad, x, w, ctx.padding, *ctx.needs_input_grad[:2])
         return gx, gw, None
+
+
+def _depthwise_backward(grad, x, w, padding, need_x: bool, need_w: bool):
+    """Input and weight gradients of a stride-1, bias-free depthwise conv."""
+    (ph, pw), (kh, kw) = padding, w.shape[2:]
+    fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+    grad = grad.contiguous(memory_format=fmt)
+    shifted = need_w and x.device.type == "cpu" and _custom_dw_grad(x)
+    gx = gw = None
+    if need_x or (need_w and not shifted):
+        mask = (need_x, need_w and not shifted, False)
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad, x, w, None, (1, 1), (ph, pw), (1, 1), False, (0, 0), w.shape[0], mask
+        )
+    if shifted:
+        h, wd = grad.shape[2:]
+        xp = F.pad(x, (pw, pw, ph, ph))
+        gw = torch.empty(w.shape[0], kh, kw, dtype=w.dtype, device=w.device)
+        for i in range(kh):
+            for j in range(kw):
+                gw[:, i, j] = (xp[:, :, i : i + h, j : j + wd] * grad).sum((0, 2, 3))
+        gw = gw.unsqueeze(1).contiguous(memory_format=fmt)
+    return gx, gw
+
+
+class _UpsampleDepthwise(torch.autograd.Function):
+    """Nearest x2 upsampling then a depthwise conv, storing the *low-resolution* input: backward
+    upsamples it again (a copy) instead of keeping the 4x larger tensor from forward."""
+
+    @staticmethod
+    def forward(ctx, x, w, padding):
+        ctx.save_for_backward(x, w)
+        ctx.padding = padding
+        up = F.interpolate(x, scale_factor=2, mode="nearest")
+        return F.conv2d(up, w, None, 1, padding, 1, w.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        up = F.interpolate(x, scale_factor=2, mode="nearest")
+        g_up, gw = _depthwise_backward(grad, up, w, ctx.padding, *ctx.needs_input_grad[:2])
+        gx = None
+        if g_up is not None:
+            # each input pixel fed a 2x2 block: its gradient is the block's sum
+            gx = torch.ops.aten.upsample_nearest2d_backward(
+                g_up, list(up.shape[2:]), list(x.shape), None, None
+            )
+        return gx, gw, None
+
+
+def upsample_depthwise(x: torch.Tensor, dw: WNConv2d) -> torch.Tensor:
+    """``dw(interpolate(x, scale_factor=2, mode="nearest"))`` for a bias-free depthwise conv."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or dw.weight.requires_grad)
+    if not grad or torch.compiler.is_compiling() or dw.use_weight_norm or not dw._depthwise:
+        return dw(F.interpolate(x, scale_factor=2, mode="nearest"))
+    return _UpsampleDepthwise.apply(x, dw.weight, dw.padding)
 
 
 def conv(cin: int, cout: int, k: int = 3, stride: int = 1, **kw) -> WNConv2d:
@@ -204,14 +237,40 @@ def checkpoint_call(fn, *args):
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` that does not update its running statistics when recomputed."""
+    """``nn.BatchNorm2d`` that does not update its running statistics when recomputed.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    ``forward(x, replicas=4)`` normalises ``x`` as if it were its nearest-neighbour x2
+    upsampling: the batch mean and variance are the same, and the running variance takes the
+    unbiased correction of the 4x larger count. The output is that of BN on the upsampled
+    tensor, before the upsampling (both are per-element maps of the same statistics).
+    """
+
+    def forward(self, x: torch.Tensor, replicas: int = 1) -> torch.Tensor:
+        if replicas > 1 and self.training and self.track_running_stats:
+            y, mean, invstd = torch.ops.aten.native_batch_norm(
+                x, self.weight, self.bias, None, None, True, 0.0, self.eps
+            )
+            if not _recomputing():
+                self.update_running_stats(mean, invstd, x, replicas)
+            return y
         if self.training and self.track_running_stats and _recomputing():
             # throw-away copies: the autograd node must save the same tensors as the first run
             rm, rv = self.running_mean.clone(), self.running_var.clone()
             return F.batch_norm(x, rm, rv, self.weight, self.bias, True, 0.0, self.eps)
         return super().forward(x)
+
+    @torch.no_grad()
+    def update_running_stats(
+        self, mean: torch.Tensor, invstd: torch.Tensor, x: torch.Tensor, replicas: int
+    ) -> None:
+        """Count a batch whose statistics (``mean``, ``invstd`` of ``x``) stand for ``replicas``
+        copies of every element of ``x``."""
+        factor = self.count_batch()
+        n = x.numel() // x.shape[1] * replicas
+        var = invstd.double().pow(-2).sub(self.eps).mul(n / max(n - 1, 1))
+        rm, rv = self.running_mean, self.running_var
+        rm.mul_(1.0 - factor).add_(mean.to(rm.dtype), alpha=factor)
+        rv.mul_(1.0 - factor).add_(var.to(rv.dtype), alpha=factor)
 
     def count_batch(self) -> float:
         """Count this batch as ``forward`` does; returns the running-average factor."""
@@ -240,10 +299,12 @@ class _BNSwishFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, update=None):
         y, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )
+        if update is not None:  # running statistics kept by the caller (BN ``replicas``)
+            update(mean, invstd, x)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
         return F.silu(y, inplace=True)  # y itself is not needed for backward
@@ -272,7 +333,7 @@ class _BNSwishFn(torch.autograd.Function):
             gx = gy.mul_(scale.view(shape)).addcmul_(x, k2.view(shape)).add_(k3.view(shape))
         gw = gw if ctx.needs_input_grad[1] else None
         gb = gb if ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 def _format(x: torch.Tensor) -> torch.memory_format:
@@ -294,17 +355,26 @@ class BNSwish(nn.Module):
         self.bn = batch_norm(c)
         self.recompute = recompute
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, replicas: int = 1) -> torch.Tensor:
+        """``replicas``: see :class:`BatchNorm2d` (only for this package's BatchNorm2d)."""
         bn = self.bn
         # a SyncBatchNorm (multi-GPU conversion) or an affine-free BN takes the plain path
         fused = self.recompute and self.training and torch.is_grad_enabled()
         if not (fused and type(bn) is BatchNorm2d and bn.affine and x.requires_grad):
-            return F.silu(bn(x))
+            return F.silu(bn(x) if replicas == 1 else bn(x, replicas))
+        update = None
         if _recomputing() or not bn.track_running_stats:
             stats, momentum = (None, None), 0.0
+        elif replicas > 1:
+            stats, momentum = (None, None), 0.0
+            update = functools.partial(_update_replicated, bn, replicas)
         else:
             stats, momentum = (bn.running_mean, bn.running_var), bn.count_batch()
-        return _BNSwishFn.apply(x, bn.weight, bn.bias, *stats, momentum, bn.eps)
+        return _BNSwishFn.apply(x, bn.weight, bn.bias, *stats, momentum, bn.eps, update)
+
+
+def _update_replicated(bn: BatchNorm2d, replicas: int, mean, invstd, x) -> None:
+    bn.update_running_stats(mean, invstd, x, replicas)
 
 
 # --- Squeeze-and-Excitation and skips --------------------------------------------------------
@@ -343,15 +413,20 @@ class FactorizedReduce(nn.Module):
 
 
 class UpSkip(nn.Module):
-    """Up-sampling skip: bilinear x2 (align_corners=True), then a 1x1 conv."""
+    """Up-sampling skip: bilinear x2 (align_corners=True), then a 1x1 conv.
+
+    Computed in the other order, conv then upsampling: the two commute (the conv mixes channels
+    per pixel, the interpolation mixes pixels per channel with weights summing to one, so the
+    bias passes through), and the conv then runs on, and keeps for backward, a quarter of the
+    pixels.
+    """
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.conv = conv(cin, cout, k=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-        return self.conv(x)
+        return F.interpolate(self.conv(x), scale_factor=2, mode="bilinear", align_corners=True)
 
 
 # --- residual cells --------------------------------------------------------------------------
@@ -389,12 +464,22 @@ class InvertedResidual(nn.Module):
         self.project = plain_conv(hidden, cout, 1)
         self.bn_out = batch_norm(cout)
 
+    def _low_res(self) -> bool:
+        # only this package's BatchNorm2d can count the replicated statistics (a SyncBatchNorm
+        # from a multi-GPU conversion keeps the upsample-first order)
+        return type(self.bn_in) is BatchNorm2d and type(self.act1.bn) is BatchNorm2d
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.upsample:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-        x = self.act1(self.expand(self.bn_in(x)))
-        x = self.act2(self.dw(x))
-        return self.bn_out(self.project(x))
+        if self.upsample and self._low_res():
+            # BN, 1x1 conv and Swish commute with nearest upsampling, so they run before it,
+            # on a quarter of the pixels; the upsampling is folded into the depthwise conv
+            x = self.act1(self.expand(self.bn_in(x, 4)), 4)
+            x = upsample_depthwise(x, self.dw)
+        else:
+            if self.upsample:
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = self.dw(self.act1(self.expand(self.bn_in(x))))
+        return self.bn_out(self.project(self.act2(x)))
 
 
 class Cell(nn.Module):
