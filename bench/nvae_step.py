@@ -9,8 +9,11 @@ update: forward, balanced KL, spectral + BN regularisers, backward and AdaMax.
     python bench/nvae_step.py --repeat 3          # alternate runs, report the median run
 
 Memory: ``peak RSS`` is the process maximum (``ru_maxrss``). ``import torch`` alone is about
-0.5 GB with a CUDA build, so for tiny configs ``growth`` matters more: the peak minus the RSS
-measured after imports and model construction (what the training step itself adds).
+0.5 GB with a CUDA build (0.21 GB with the CPU-only wheel), so for tiny configs ``growth``
+matters more: the peak minus the RSS measured after imports, model and optimizer construction
+(what the training step itself adds). ``torch_rss_gb`` in the JSON output is the RSS right after
+``import torch``; constructing a torch.optim optimizer imports torch._dynamo (and sympy), about
+70 MB more, before the first step.
 
 Reference implementation on a 2-core CPU (spec nvae.md section 7): tiny 0.157 s/step and
 0.52 GB max RSS; CIFAR-10 at batch 2 about 11.4 s/step (first iteration 86 s) and 7.5 GB.
@@ -78,6 +81,7 @@ def run_one(name: str, steps: int, warmup: int, opts: dict) -> dict:
         _tune_malloc()
     import torch
 
+    torch_gb = _rss_gb()  # the interpreter plus ``import torch``
     from jointgen.models.nvae import NVAE
     from jointgen.models.nvae.objectives import (
         SpectralRegularizer,
@@ -141,6 +145,7 @@ def run_one(name: str, steps: int, warmup: int, opts: dict) -> dict:
         "s_per_step_min": round(min(times[warmup:]), 4),
         "first_step_s": round(times[0], 3),
         "peak_rss_gb": round(peak_gb, 3),
+        "torch_rss_gb": round(torch_gb, 3),
         "base_rss_gb": round(base_gb, 3),
         "growth_gb": round(peak_gb - base_gb, 3),
         "other_load": None if other is None else round(other, 3),
