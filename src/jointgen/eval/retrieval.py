@@ -133,7 +133,8 @@ def _fp32_matmul_unit(device: torch.device) -> float:
     """Unit roundoff of the operands inside a float32 matmul (0: exact float32 operands).
 
     TF32 or bfloat16 internals (``torch.set_float32_matmul_precision``, ``allow_tf32`` and the
-    newer ``fp32_precision`` switches) round the operands; the bound then covers bfloat16 steps.
+    newer ``fp32_precision`` switches) round the operands; the bound then covers a whole
+    bfloat16 step (rounding to nearest or truncating).
     """
     reduced = torch.get_float32_matmul_precision() != "highest"
     for mod in (getattr(torch.backends, "mkldnn", None), getattr(torch.backends, "cuda", None)):
@@ -142,7 +143,7 @@ def _fp32_matmul_unit(device: torch.device) -> float:
             reduced = True
     if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         reduced = True
-    return 2.0**-8 if reduced else 0.0
+    return 2.0**-7 if reduced else 0.0
 
 
 _BF16_STATE: dict[str, bool] = {}
