@@ -187,6 +187,18 @@ class TestExactRanks:
         np.testing.assert_array_equal(r2i.numpy(), ref[1])
         assert (i2r[:100] == 2).all()  # the moved copy, and nothing else, is strictly closer
 
+    def test_reduced_float32_matmul_precision_is_covered(self):
+        # "medium" lets float32 matmuls round their operands to bfloat16: the band widens
+        img, rec = _regime("random")
+        ref = _exact_ranks(img, rec)
+        before = torch.get_float32_matmul_precision()
+        try:
+            torch.set_float32_matmul_precision("medium")
+            got = pair_ranks(img, rec, precision="fp32")
+        finally:
+            torch.set_float32_matmul_precision(before)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
     @pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
     def test_swapping_the_modalities_swaps_the_directions(self, metric):
         img, rec = _regime("random", n=200, seed=3)
