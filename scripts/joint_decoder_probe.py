@@ -87,6 +87,7 @@ ARCHS = {
     "convs1": {"convs_per_level": 1},
     "coord_convs1": {"decoder_coords": True, "convs_per_level": 1},
     "gaussian": {"likelihood": "gaussian"},
+    "coord_gaussian": {"decoder_coords": True, "likelihood": "gaussian"},
     "per_pixel": {"scale": "per_pixel"},
     "coord_per_pixel": {"decoder_coords": True, "scale": "per_pixel"},
 }
