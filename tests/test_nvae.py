@@ -7,7 +7,7 @@ import torch
 import torch.distributions as D
 
 from jointgen.models.nvae import NVAE
-from jointgen.models.nvae.distributions import DiscMixLogistic, Normal
+from jointgen.models.nvae.distributions import DiscMixLogistic, Normal, standard_normal_like
 from jointgen.models.nvae.flows import ARCell
 from jointgen.models.nvae.layers import WNConv2d
 from jointgen.models.nvae.objectives import (
@@ -463,3 +463,25 @@ class TestMemoryLeanFormulations:
         assert torch.allclose(ya, yb, atol=1e-6) and torch.allclose(gxa, gxb, atol=1e-6)
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gpa, gpb))
         assert all(torch.equal(a, b) for a, b in zip(ba, bb))  # statistics counted once
+
+    def test_lean_normal_params_and_kl_match_autograd(self):
+        from jointgen.models.nvae.distributions import _kl, soft_clamp5
+
+        torch.manual_seed(0)
+        raw = [torch.randn(3, 4, 5, 6) * 4 for _ in range(4)]  # saturating clamps included
+        a = [r.clone().requires_grad_() for r in raw]
+        b = [r.clone().requires_grad_() for r in raw]
+        mu_q, sig_q = soft_clamp5(a[0]), torch.exp(soft_clamp5(a[1])) + 1e-2
+        mu_p, sig_p = soft_clamp5(a[2]), torch.exp(soft_clamp5(a[3])) + 1e-2
+        kl = _kl(mu_q, sig_q, mu_p, sig_p)  # plain autograd of the formulas
+        q, p = Normal(b[0], b[1]), Normal(b[2], b[3])
+        kl_lean = q.kl(p)
+        assert torch.equal(q.mu, mu_q) and torch.equal(q.sigma, sig_q)
+        assert torch.equal(kl_lean, kl)
+        gs = [torch.randn_like(kl) for _ in range(3)]
+        (kl * gs[0] + mu_q * gs[1] + sig_q * gs[2]).sum().backward()
+        (kl_lean * gs[0] + q.mu * gs[1] + q.sigma * gs[2]).sum().backward()
+        for x, y in zip(a, b):
+            assert (x.grad - y.grad).abs().max() <= 1e-5 * x.grad.abs().max()
+        top = standard_normal_like(q.mu)  # constant prior: gradients reach q only
+        assert torch.allclose(q.kl(top), _kl(q.mu, q.sigma, top.mu, top.sigma))

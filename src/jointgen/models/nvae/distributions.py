@@ -32,8 +32,11 @@ class Normal:
     """
 
     def __init__(self, mu: torch.Tensor, log_sigma: torch.Tensor, temp: float = 1.0) -> None:
-        self.mu = soft_clamp5(mu)
-        self.sigma = (torch.exp(soft_clamp5(log_sigma)) + 1e-2) * temp
+        if temp == 1.0 and _tracked(mu, log_sigma):
+            self.mu, self.sigma = _ClampedParams.apply(mu, log_sigma)
+        else:
+            self.mu = soft_clamp5(mu)
+            self.sigma = (torch.exp(soft_clamp5(log_sigma)) + 1e-2) * temp
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised sample; returns (z, eps)."""
@@ -48,14 +51,90 @@ class Normal:
 
     def kl(self, other: Normal) -> torch.Tensor:
         """Element-wise closed-form KL(self || other)."""
-        var_ratio = (self.sigma / other.sigma) ** 2
-        t = ((self.mu - other.mu) / other.sigma) ** 2
-        return 0.5 * (var_ratio + t - 1.0 - torch.log(var_ratio))
+        args = (self.mu, self.sigma, other.mu, other.sigma)
+        if _tracked(*args):
+            return _NormalKL.apply(*args)
+        return _kl(*args)
 
     def detach(self) -> Normal:
         out = Normal.__new__(Normal)
         out.mu, out.sigma = self.mu.detach(), self.sigma.detach()
         return out
+
+
+def _kl(mu_q, sigma_q, mu_p, sigma_p) -> torch.Tensor:
+    var_ratio = (sigma_q / sigma_p) ** 2
+    t = ((mu_q - mu_p) / sigma_p) ** 2
+    return 0.5 * (var_ratio + t - 1.0 - torch.log(var_ratio))
+
+
+def _tracked(*ts: torch.Tensor) -> bool:
+    """Whether autograd records an op on ``ts`` (and the memory-lean functions apply)."""
+    return (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in ts)
+        and not torch.compiler.is_compiling()
+    )
+
+
+# The latent path saves for backward only mu and sigma of each distribution (and the sampling
+# noise): autograd of the formulas above keeps about a dozen latent-sized tensors per group
+# (tanh and exp outputs of the clamps, ratios and quotients of the KL).
+
+
+class _ClampedParams(torch.autograd.Function):
+    """(mu, sigma) = (5 tanh(m / 5), exp(5 tanh(l / 5)) + 0.01), with derivatives taken from
+    the outputs: d mu / d m = 1 - (mu / 5)^2, d sigma / d l = e (1 - (log(e) / 5)^2) with
+    e = sigma - 0.01 (at least exp(-5))."""
+
+    @staticmethod
+    def forward(ctx, mu, log_sigma):
+        mu_c = soft_clamp5(mu)
+        sigma = torch.exp(soft_clamp5(log_sigma)) + 1e-2
+        ctx.save_for_backward(mu_c, sigma)
+        return mu_c, sigma
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mu, g_sigma):
+        mu_c, sigma = ctx.saved_tensors
+        d_mu = d_ls = None
+        if ctx.needs_input_grad[0] and g_mu is not None:
+            t = mu_c / 5.0
+            d_mu = g_mu * (1.0 - t * t)
+        if ctx.needs_input_grad[1] and g_sigma is not None:
+            e = sigma - 1e-2
+            t = torch.log(e) / 5.0
+            d_ls = g_sigma * e * (1.0 - t * t)
+        return d_mu, d_ls
+
+
+class _NormalKL(torch.autograd.Function):
+    """Element-wise KL(N(mu_q, sigma_q) || N(mu_p, sigma_p)) saving only its four inputs."""
+
+    @staticmethod
+    def forward(ctx, mu_q, sigma_q, mu_p, sigma_p):
+        ctx.save_for_backward(mu_q, sigma_q, mu_p, sigma_p)
+        return _kl(mu_q, sigma_q, mu_p, sigma_p)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        mu_q, sigma_q, mu_p, sigma_p = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        inv_p2 = sigma_p.pow(-2)
+        d = mu_q - mu_p
+        g_mu = g * d * inv_p2 if need[0] or need[2] else None
+        g_sq = g * (sigma_q * inv_p2 - 1.0 / sigma_q) if need[1] else None
+        g_sp = None
+        if need[3]:
+            g_sp = g * (1.0 / sigma_p - (sigma_q * sigma_q + d * d) * inv_p2 / sigma_p)
+        return (
+            g_mu if need[0] else None,
+            g_sq,
+            -g_mu if need[2] else None,
+            g_sp,
+        )
 
 
 def standard_normal_like(z: torch.Tensor, temp: float = 1.0) -> Normal:
