@@ -19,7 +19,9 @@ block and every entry is counted only where a rigorous error bound decides it; t
 near a threshold are re-checked in float32, float64, and exactly if still tied (see the comment
 above ``PRECISIONS``). On CPUs with native bfloat16 the screen is a bfloat16 matmul, twice as
 fast as float32; a 10k bag costs about one 10k x 1024 x 10k bfloat16 matmul instead of the
-reference's 10^8 Python-level comparisons.
+reference's 10^8 Python-level comparisons. :func:`retrieval_metrics` re-checks only the queries
+whose rank can still move MedR or an R@K (:meth:`_ExactRanker.run`); its numbers are those of
+the exact ranks.
 """
 
 from __future__ import annotations
@@ -695,7 +697,7 @@ def pair_ranks(
     img: Tensor,
     rec: Tensor,
     metric: str = "euclidean",
-    chunk: int = 512,
+    chunk: int = 1024,
     precision: str = "auto",
     stats: dict[str, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -827,7 +829,7 @@ def retrieval_metrics(
         for idx in bag_indices(pool, n, nb, seed):
             sel = torch.from_numpy(idx).to(img.device)
             # ranks exact where MedR or R@K depend on them (see _ExactRanker.run)
-            i2r, r2i = _ranks(img[sel], rec[sel], metric, 512, precision, stats, ks)
+            i2r, r2i = _ranks(img[sel], rec[sel], metric, 1024, precision, stats, ks)
             ranks["i2r"].append(i2r)
             ranks["r2i"].append(r2i)
         for d in directions:
