@@ -93,6 +93,10 @@ def main() -> None:
     )
     n = max(stats.get("entries", 0), 1)
     print(
+        f"screen: {stats.get('ambiguous', 0) / (2 * n):.3%} of the {2 * n:,} comparisons "
+        "(i2r and r2i) inside the error band"
+    )
+    print(
         f"re-checked: {stats.get('f32', 0) / n:.3%} of {n:,} entries in float32, "
         f"{stats.get('f64', 0) / n:.4%} in float64, {stats.get('exact', 0)} exactly; "
         f"{stats.get('escalated', 0)} block(s) re-screened"
