@@ -69,3 +69,18 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.Comple
     return subprocess.run(
         [str(exe), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def train_one_thread(cfg) -> float | None:
+    """``run_train(cfg)`` in this process with one torch thread (tiny models run faster and
+    steadier than with contended threads), restoring the thread count afterwards."""
+    import torch
+
+    from jointgen.train import run_train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_train(cfg)
+    finally:
+        torch.set_num_threads(threads)

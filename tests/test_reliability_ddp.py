@@ -9,8 +9,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 
-from helpers import SEJE_TINY_NET, TINY_OVERRIDES, compose_cfg
-from jointgen.train import run_train
+from helpers import SEJE_TINY_NET, TINY_OVERRIDES, compose_cfg, train_one_thread
 
 TESTS = Path(__file__).resolve().parent
 
@@ -46,12 +45,7 @@ def _parity_update(tmp_path: Path, overrides: list[str]) -> tuple[torch.Tensor, 
     """Initial weights and the weights after 3 steps: one process with batch 16, and
     ``hardware=ddp_cpu`` with 8 per rank (the same global batch)."""
     single = compose_cfg("train", overrides + ["data.batch_size=16"], tmp_path / "single")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: one thread is faster than contended ones
-    try:
-        run_train(single)
-    finally:
-        torch.set_num_threads(threads)
+    train_one_thread(single)
     res = _cli(["hardware=ddp_cpu", "data.batch_size=8", *overrides], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
 
@@ -214,12 +208,7 @@ def _seje_parity_update(tmp_path: Path) -> tuple[torch.Tensor, ...]:
     ]
     single_args = [*args, "data.batch_size=16", f"+callbacks.init_weights.dirpath={tmp_path}/i1"]
     single = compose_cfg("train", single_args, tmp_path / "single")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_train(single)
-    finally:
-        torch.set_num_threads(threads)
+    train_one_thread(single)
     ddp = ["hardware=ddp_cpu", "data.batch_size=8", f"paths.data_dir={single.paths.data_dir}"]
     res = _cli([*ddp, *args, f"+callbacks.init_weights.dirpath={tmp_path}/i2"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -13,8 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import SEJE_TINY_NET, TINY_OVERRIDES, compose_cfg
-from jointgen.train import run_train
+from helpers import SEJE_TINY_NET, TINY_OVERRIDES, compose_cfg, train_one_thread
 from jointgen.utils.checkpoint import AtomicCheckpointIO
 from jointgen.utils.checks import ConfigError
 from jointgen.utils.resume import auto_resume_argv, find_run_dir, resolve_resume
@@ -165,12 +164,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path, family):
     run_args = RUNS[family]
     # reference: the same training, uninterrupted, in this process
     ref_cfg = compose_cfg("train", [o for o in run_args if o != "resume=auto"], tmp_path / "ref")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_train(ref_cfg)
-    finally:
-        torch.set_num_threads(threads)
+    train_one_thread(ref_cfg)
     ref_summary, ref_state = _final(Path(ref_cfg.paths.output_dir))
 
     root = tmp_path / "cli"

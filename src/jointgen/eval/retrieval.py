@@ -67,18 +67,24 @@ def bag_indices(pool_size: int, bag_size: int, n_bags: int, seed: int = 1234) ->
     ).reshape(n_bags, bag_size)
 
 
-def distance_matrix(img: Tensor, rec: Tensor, metric: str = "euclidean") -> Tensor:
-    """``D[i, j]``: dissimilarity of image ``i`` and recipe ``j`` (smaller = closer).
-
-    ``euclidean`` returns squared distances (same order as distances); ``cosine`` and ``dot``
-    return negated similarities. float32 at least, whatever the input dtype.
-    """
+def _as_metric_inputs(img: Tensor, rec: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    """Both sides as float32 (at least), L2-normalised for ``cosine``."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     img, rec = img.float(), rec.float()
     if metric == "cosine":
         img = torch.nn.functional.normalize(img, dim=1)
         rec = torch.nn.functional.normalize(rec, dim=1)
+    return img, rec
+
+
+def distance_matrix(img: Tensor, rec: Tensor, metric: str = "euclidean") -> Tensor:
+    """``D[i, j]``: dissimilarity of image ``i`` and recipe ``j`` (smaller = closer).
+
+    ``euclidean`` returns squared distances (same order as distances); ``cosine`` and ``dot``
+    return negated similarities. float32 at least, whatever the input dtype.
+    """
+    img, rec = _as_metric_inputs(img, rec, metric)
     if metric == "euclidean":
         sq_i = img.pow(2).sum(1, keepdim=True)
         sq_r = rec.pow(2).sum(1).unsqueeze(0)
@@ -739,13 +745,7 @@ def _ranks(
     """:func:`pair_ranks`, or with ``ks`` ranks that give the same MedR and R@K (cheaper)."""
     if img.shape != rec.shape or img.dim() != 2:
         raise ValueError(f"need two (N, D) tensors of equal shape, got {img.shape}, {rec.shape}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    a, b = img.float(), rec.float()
-    if metric == "cosine":
-        a = torch.nn.functional.normalize(a, dim=1)
-        b = torch.nn.functional.normalize(b, dim=1)
-    a, b = a.contiguous(), b.contiguous()
+    a, b = (t.contiguous() for t in _as_metric_inputs(img, rec, metric))
     if a.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.long, device=a.device)
         return empty, empty.clone()

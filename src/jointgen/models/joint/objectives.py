@@ -238,16 +238,13 @@ def _decode(
 ):  # fmt: skip
     out = {}
     for n in modalities:
-        call = frozen_log_likelihood if n in frozen else _plain_log_likelihood
-        out[n] = call(
-            branches[n], enc.x[n], z, enc.features[n], posterior=posterior[n],
-            detach_posterior=dreg,
-        )  # fmt: skip
+        args = (enc.x[n], z, enc.features[n])
+        kw = {"posterior": posterior[n], "detach_posterior": dreg}
+        if n in frozen:
+            out[n] = frozen_log_likelihood(branches[n], *args, **kw)
+        else:
+            out[n] = branches[n].log_likelihood(*args, **kw)
     return out
-
-
-def _plain_log_likelihood(branch: nn.Module, *args, **kwargs) -> Any:
-    return branch.log_likelihood(*args, **kwargs)
 
 
 def stratified_bound(
