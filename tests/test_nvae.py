@@ -464,6 +464,87 @@ class TestMemoryLeanFormulations:
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gpa, gpb))
         assert all(torch.equal(a, b) for a, b in zip(ba, bb))  # statistics counted once
 
+    @pytest.mark.parametrize("channels_last", [False, True])
+    @pytest.mark.parametrize("chunk", [1, 1 << 30])  # one image per chunk, the whole batch
+    @pytest.mark.parametrize(
+        "conv_kw",
+        [
+            dict(k=3, stride=1, bias=True, wn=True, groups=1),  # encoder cells
+            dict(k=3, stride=2, bias=True, wn=True, groups=1),  # enc_down
+            dict(k=5, stride=1, bias=False, wn=False, groups=6),  # inverted residual depthwise
+            dict(k=1, stride=1, bias=False, wn=False, groups=1),  # inverted residual project
+        ],
+    )
+    def test_fused_bn_swish_conv_matches_plain(self, monkeypatch, channels_last, chunk, conv_kw):
+        import copy
+
+        import torch.nn.functional as F
+
+        import jointgen.models.nvae.layers as layers
+
+        monkeypatch.setitem(layers._CHUNK_BYTES, "cpu", chunk)
+        torch.manual_seed(0)
+        k, groups = conv_kw["k"], conv_kw["groups"]
+        act = layers.BNSwish(6, recompute=True)
+        conv = layers.WNConv2d(
+            6, 6, k, stride=conv_kw["stride"], padding=k // 2, groups=groups,
+            bias=conv_kw["bias"], weight_norm=conv_kw["wn"],
+        )  # fmt: skip
+        with torch.no_grad():
+            act.bn.weight.uniform_(0.5, 1.5)
+            act.bn.bias.uniform_(-0.5, 0.5)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        conv = conv.to(memory_format=fmt)
+        act2, conv2 = copy.deepcopy(act), copy.deepcopy(conv)
+        x = (torch.randn(4, 6, 8, 10) * 3 + 20).contiguous(memory_format=fmt)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = layers.bn_swish_conv(act, conv, xa)  # the fused function
+        # the plain formula: batch statistics, Swish, the conv with its effective weight
+        bn = act2.bn
+        xn = F.batch_norm(xb, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.05)
+        w = conv2.normalized_weight()
+        ref = F.conv2d(F.silu(xn), w, conv2.bias, conv2.stride, conv2.padding, 1, groups)
+        g = torch.randn_like(ref)
+        y.backward(g)
+        ref.backward(g)
+
+        def close(a, b, tol=1e-5):  # relative to the tensor's scale
+            return (a - b).abs().max() <= tol * a.abs().max().clamp(min=1.0)
+
+        assert close(y, ref) and close(xa.grad, xb.grad)
+        for (name, pa), pb in zip(
+            [*act.named_parameters(), *conv.named_parameters()],
+            [*act2.parameters(), *conv2.parameters()],
+        ):
+            assert close(pa.grad, pb.grad), name
+        assert torch.equal(act.bn.running_mean, bn.running_mean)
+        assert torch.equal(act.bn.running_var, bn.running_var)
+        assert int(act.bn.num_batches_tracked) == 1
+        if channels_last:
+            assert xa.grad.is_contiguous(memory_format=torch.channels_last)
+
+    def test_chunked_up_depthwise_matches_upsample_first(self, monkeypatch):
+        import torch.nn.functional as F
+
+        import jointgen.models.nvae.layers as layers
+
+        monkeypatch.setitem(layers._CHUNK_BYTES, "cpu", 1)  # one image per chunk
+        torch.manual_seed(0)
+        dw = layers.plain_conv(6, 6, 5, groups=6).to(memory_format=torch.channels_last)
+        x = torch.randn(3, 6, 4, 5).contiguous(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = layers.upsample_depthwise(xa, dw)
+        ref = F.conv2d(
+            F.interpolate(xb, scale_factor=2, mode="nearest"), dw.weight, None, 1, 2, 1, 6
+        )
+        g = torch.randn_like(ref)
+        y.backward(g)
+        wa, dw.weight.grad = dw.weight.grad, None
+        ref.backward(g)
+        assert torch.allclose(y, ref, atol=1e-5)
+        assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+        assert torch.allclose(wa, dw.weight.grad, rtol=1e-4, atol=1e-5)
+
     def test_lean_normal_params_and_kl_match_autograd(self):
         from jointgen.models.nvae.distributions import _kl, soft_clamp5
 

@@ -82,7 +82,8 @@ class WNConv2d(nn.Conv2d):
             return self._cache[1]
         return self._compute_weight()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_weight(self) -> torch.Tensor:
+        """The weight for a forward pass, cached for the spectral regulariser."""
         w = self.weight
         if type(self).normalized_weight is not WNConv2d.normalized_weight:
             w = self.normalized_weight()  # a subclass's own weight (the masked flow convs)
@@ -92,6 +93,10 @@ class WNConv2d(nn.Conv2d):
                 self._cache = (self._cache_key(), w)
                 if w.requires_grad:
                     w.register_hook(self._forget)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.forward_weight()
         if (
             self._depthwise
             and self.bias is None
@@ -174,14 +179,26 @@ class _UpsampleDepthwise(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        up = F.interpolate(x, scale_factor=2, mode="nearest")
-        g_up, gw = _depthwise_backward(grad, up, w, ctx.padding, *ctx.needs_input_grad[:2])
-        gx = None
-        if g_up is not None:
-            # each input pixel fed a 2x2 block: its gradient is the block's sum
-            gx = torch.ops.aten.upsample_nearest2d_backward(
-                g_up, list(up.shape[2:]), list(x.shape), None, None
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gx = torch.empty_like(x) if need_x else None
+        gw = None
+        for i, n in _batch_chunks(x, scale=4):  # a few images at a time (see _CHUNK_BYTES)
+            up = F.interpolate(x.narrow(0, i, n), scale_factor=2, mode="nearest")
+            g_up, g_w = _depthwise_backward(
+                grad.narrow(0, i, n), up, w, ctx.padding, need_x, need_w
             )
+            del up
+            if need_x:
+                # each input pixel fed a 2x2 block: its gradient is the block's sum
+                torch.ops.aten.upsample_nearest2d_backward.grad_input(
+                    g_up,
+                    list(g_up.shape[2:]),
+                    [n, *x.shape[1:]],
+                    None,
+                    None,
+                    grad_input=gx.narrow(0, i, n),
+                )
+            gw = _add(gw, g_w)
         return gx, gw, None
 
 
@@ -289,6 +306,70 @@ def batch_norm(c: int) -> BatchNorm2d:
 # --- memory-lean BatchNorm + Swish -----------------------------------------------------------
 
 
+def _bn_swish_forward(x, weight, bias, running_mean, running_var, momentum, eps, update):
+    """Swish(BN(x)) in training mode; returns it with the batch mean and inverse std."""
+    y, mean, invstd = torch.ops.aten.native_batch_norm(
+        x, weight, bias, running_mean, running_var, True, momentum, eps
+    )
+    if update is not None:  # running statistics kept by the caller (BN ``replicas``)
+        update(mean, invstd, x)
+    return F.silu(y, inplace=True), mean, invstd  # y itself is not needed for backward
+
+
+def _bn_output(x, weight, bias, mean, invstd, out=None) -> torch.Tensor:
+    """The training-mode BN output recomputed from its input with one fused multiply-add
+    (into ``out`` when given, a tensor like ``x``)."""
+    scale = invstd * weight
+    shift = bias - mean * scale
+    out = torch.empty_like(x) if out is None else out
+    return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1), out=out)
+
+
+def _bn_swish_backward(gy, buf, x, weight, mean, invstd, eps, needs):
+    """Gradients (x, weight, bias) of ``Swish(BN(x))`` given the output gradient ``gy`` and the
+    recomputed BN output ``buf``; ``buf`` receives in turn the Swish and the input gradient."""
+    gy = torch.ops.aten.silu_backward.grad_input(gy, buf, grad_input=buf)
+    return _bn_backward(gy, x, weight, mean, invstd, eps, needs)
+
+
+def _bn_backward(gy, x, weight, mean, invstd, eps, needs):
+    """Gradients (x, weight, bias) of training-mode BN; the input gradient overwrites ``gy``."""
+    # per-channel sums: gb = sum(gy), gw = sum(gy * (x - mean)) * invstd; with the input
+    # gradient masked out torch computes them without full-size temporaries
+    _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        gy, x, weight, None, None, mean, invstd, True, eps, (False, True, True)
+    )
+    gx = None
+    if needs[0]:
+        # gx = scale * (gy - gb / n - (x - mean) * invstd * gw / n), written into gy
+        shape = (1, -1, 1, 1)
+        n = x.numel() // x.shape[1]
+        scale = invstd * weight
+        k2 = scale * invstd * gw / -n
+        k3 = scale * gb / -n - mean * k2
+        gx = gy.mul_(scale.view(shape)).addcmul_(x, k2.view(shape)).add_(k3.view(shape))
+    return gx, gw if needs[1] else None, gb if needs[2] else None
+
+
+# Backward of the largest tensors (the 32x32 post-process cells) runs a few images at a time on
+# CPU: its full-size temporaries would otherwise come on top of every saved activation at the
+# start of backward, the step's memory peak. Chunks of about 1 MiB per temporary; accelerators
+# take the whole batch (fewer kernel launches).
+_CHUNK_BYTES = {"cpu": 1 << 20}
+
+
+def _batch_chunks(x: torch.Tensor, scale: int = 1) -> list[tuple[int, int]]:
+    """(start, length) along the batch so that ``scale`` times a chunk of ``x`` fits a chunk."""
+    per_image = max(x[0].numel() * x.element_size() * scale, 1)
+    limit = _CHUNK_BYTES.get(x.device.type)
+    n = x.shape[0] if limit is None else max(1, limit // per_image)
+    return [(i, min(n, x.shape[0] - i)) for i in range(0, x.shape[0], n)]
+
+
+def _add(total, part):
+    return part if total is None else total if part is None else total.add_(part)
+
+
 class _BNSwishFn(torch.autograd.Function):
     """Training-mode BN then Swish, storing only the BN input; backward recomputes the BN
     output with one fused multiply-add (NVAE's fused BN-Swish, written with aten ops).
@@ -300,40 +381,76 @@ class _BNSwishFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, update=None):
-        y, mean, invstd = torch.ops.aten.native_batch_norm(
-            x, weight, bias, running_mean, running_var, True, momentum, eps
-        )
-        if update is not None:  # running statistics kept by the caller (BN ``replicas``)
-            update(mean, invstd, x)
+        args = (x, weight, bias, running_mean, running_var, momentum, eps, update)
+        out, mean, invstd = _bn_swish_forward(*args)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
-        return F.silu(y, inplace=True)  # y itself is not needed for backward
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        shape = (1, -1, 1, 1)
-        scale = invstd * weight
-        shift = bias - mean * scale
-        buf = torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)  # BN output
+        buf = _bn_output(x, weight, bias, mean, invstd)
         grad = grad.contiguous(memory_format=_format(x))
-        gy = torch.ops.aten.silu_backward.grad_input(grad, buf, grad_input=buf)
-        # per-channel sums: gb = sum(gy), gw = sum(gy * (x - mean)) * invstd; with the input
-        # gradient masked out torch computes them without full-size temporaries
-        _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            gy, x, weight, None, None, mean, invstd, True, ctx.eps, (False, True, True)
-        )
-        gx = None
-        if ctx.needs_input_grad[0]:
-            # gx = scale * (gy - gb / n - (x - mean) * invstd * gw / n), written into gy
-            n = x.numel() // x.shape[1]
-            k2 = scale * invstd * gw / -n
-            k3 = scale * gb / -n - mean * k2
-            gx = gy.mul_(scale.view(shape)).addcmul_(x, k2.view(shape)).add_(k3.view(shape))
-        gw = gw if ctx.needs_input_grad[1] else None
-        gb = gb if ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None, None, None, None
+        needs = ctx.needs_input_grad[:3]
+        grads = _bn_swish_backward(grad, buf, x, weight, mean, invstd, ctx.eps, needs)
+        return *grads, None, None, None, None, None
+
+
+class _BNSwishConvFn(torch.autograd.Function):
+    """``conv(Swish(BN(x)))`` storing only the BN input ``x``: the conv input (the Swish
+    output) is recomputed in backward instead of being kept between the passes, so a cell's
+    residual branch keeps one tensor per BN-Swish-conv instead of two."""
+
+    @staticmethod
+    def forward(ctx, x, bn_w, bn_b, rm, rv, momentum, eps, update, w, b, conv_args, depthwise):
+        a, mean, invstd = _bn_swish_forward(x, bn_w, bn_b, rm, rv, momentum, eps, update)
+        stride, padding, dilation, groups = conv_args
+        out = F.conv2d(a, w, b, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, bn_w, bn_b, mean, invstd, w)
+        ctx.eps, ctx.conv_args, ctx.depthwise = eps, conv_args, depthwise
+        ctx.bias_sizes = None if b is None else list(b.shape)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, bn_w, bn_b, mean, invstd, w = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        need = ctx.needs_input_grad
+        # per chunk of images one buffer holds the conv input (the Swish output), then the BN
+        # output recomputed again; the Swish gradients fill one full-size tensor, which then
+        # receives the input gradient
+        gy = torch.empty_like(x)
+        g_cw = g_cb = None
+        for i, n in _batch_chunks(x):
+            xs, gs = x.narrow(0, i, n), grad.narrow(0, i, n)
+            buf = F.silu(_bn_output(xs, bn_w, bn_b, mean, invstd), inplace=True)
+            gb = None
+            if ctx.depthwise:  # the cheaper weight gradient of a CPU depthwise conv
+                g_a, gw = _depthwise_backward(gs, buf, w, padding, True, need[8])
+            else:
+                mask = (True, need[8], need[9] and ctx.bias_sizes is not None)
+                g_a, gw, gb = torch.ops.aten.convolution_backward(
+                    gs,
+                    buf,
+                    w,
+                    ctx.bias_sizes,
+                    stride,
+                    padding,
+                    dilation,
+                    False,
+                    (0, 0),
+                    groups,
+                    mask,
+                )
+            _bn_output(xs, bn_w, bn_b, mean, invstd, out=buf)
+            torch.ops.aten.silu_backward.grad_input(g_a, buf, grad_input=gy.narrow(0, i, n))
+            del g_a, buf
+            g_cw, g_cb = _add(g_cw, gw), _add(g_cb, gb)
+        grads = _bn_backward(gy, x, bn_w, mean, invstd, ctx.eps, need[:3])
+        return *grads, None, None, None, None, None, g_cw, g_cb, None, None
 
 
 def _format(x: torch.Tensor) -> torch.memory_format:
@@ -355,13 +472,13 @@ class BNSwish(nn.Module):
         self.bn = batch_norm(c)
         self.recompute = recompute
 
-    def forward(self, x: torch.Tensor, replicas: int = 1) -> torch.Tensor:
-        """``replicas``: see :class:`BatchNorm2d` (only for this package's BatchNorm2d)."""
+    def fused_args(self, x: torch.Tensor, replicas: int = 1) -> tuple | None:
+        """Arguments of the fused functions (after ``x``), or None for the plain path."""
         bn = self.bn
-        # a SyncBatchNorm (multi-GPU conversion) or an affine-free BN takes the plain path
         fused = self.recompute and self.training and torch.is_grad_enabled()
+        # a SyncBatchNorm (multi-GPU conversion) or an affine-free BN takes the plain path
         if not (fused and type(bn) is BatchNorm2d and bn.affine and x.requires_grad):
-            return F.silu(bn(x) if replicas == 1 else bn(x, replicas))
+            return None
         update = None
         if _recomputing() or not bn.track_running_stats:
             stats, momentum = (None, None), 0.0
@@ -370,11 +487,31 @@ class BNSwish(nn.Module):
             update = functools.partial(_update_replicated, bn, replicas)
         else:
             stats, momentum = (bn.running_mean, bn.running_var), bn.count_batch()
-        return _BNSwishFn.apply(x, bn.weight, bn.bias, *stats, momentum, bn.eps, update)
+        return bn.weight, bn.bias, *stats, momentum, bn.eps, update
+
+    def forward(self, x: torch.Tensor, replicas: int = 1) -> torch.Tensor:
+        """``replicas``: see :class:`BatchNorm2d` (only for this package's BatchNorm2d)."""
+        args = self.fused_args(x, replicas)
+        if args is None:
+            return F.silu(self.bn(x) if replicas == 1 else self.bn(x, replicas))
+        return _BNSwishFn.apply(x, *args)
 
 
 def _update_replicated(bn: BatchNorm2d, replicas: int, mean, invstd, x) -> None:
     bn.update_running_stats(mean, invstd, x, replicas)
+
+
+def bn_swish_conv(act: BNSwish, conv: WNConv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(act(x))``; with ``act.recompute`` in training, one function that keeps only
+    ``x`` for backward (see :class:`_BNSwishConvFn`)."""
+    args = act.fused_args(x)
+    plain = conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+    if args is None or plain or torch.compiler.is_compiling():
+        return conv(act(x))
+    w = conv.forward_weight()
+    depthwise = conv._depthwise and conv.bias is None and x.device.type == "cpu"
+    conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _BNSwishConvFn.apply(x, *args, w, conv.bias, conv_args, depthwise)
 
 
 # --- Squeeze-and-Excitation and skips --------------------------------------------------------
@@ -441,7 +578,7 @@ class BNSwishConv(nn.Module):
         self.conv = conv(cin, cout, k=3, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.act(x))
+        return bn_swish_conv(self.act, self.conv, x)
 
 
 class InvertedResidual(nn.Module):
@@ -478,8 +615,8 @@ class InvertedResidual(nn.Module):
         else:
             if self.upsample:
                 x = F.interpolate(x, scale_factor=2, mode="nearest")
-            x = self.dw(self.act1(self.expand(self.bn_in(x))))
-        return self.bn_out(self.project(self.act2(x)))
+            x = bn_swish_conv(self.act1, self.dw, self.expand(self.bn_in(x)))
+        return self.bn_out(bn_swish_conv(self.act2, self.project, x))
 
 
 class Cell(nn.Module):
