@@ -172,8 +172,18 @@ class _UpsampleDepthwise(torch.autograd.Function):
     def forward(ctx, x, w, padding):
         ctx.save_for_backward(x, w)
         ctx.padding = padding
-        up = F.interpolate(x, scale_factor=2, mode="nearest")
-        return F.conv2d(up, w, None, 1, padding, 1, w.shape[0])
+        out = None
+        for i, n in _batch_chunks(x, scale=4):  # a few images at a time (see _CHUNK_BYTES)
+            up = F.interpolate(x.narrow(0, i, n), scale_factor=2, mode="nearest")
+            o = F.conv2d(up, w, None, 1, padding, 1, w.shape[0])
+            if n == x.shape[0]:
+                return o
+            del up
+            if out is None:
+                shape = (x.shape[0], *o.shape[1:])
+                out = torch.empty(shape, dtype=o.dtype, device=o.device, memory_format=_format(o))
+            out.narrow(0, i, n).copy_(o)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -405,9 +415,29 @@ class _BNSwishConvFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bn_w, bn_b, rm, rv, momentum, eps, update, w, b, conv_args, depthwise):
-        a, mean, invstd = _bn_swish_forward(x, bn_w, bn_b, rm, rv, momentum, eps, update)
         stride, padding, dilation, groups = conv_args
-        out = F.conv2d(a, w, b, stride, padding, dilation, groups)
+        chunks = _batch_chunks(x)
+        if len(chunks) == 1:
+            a, mean, invstd = _bn_swish_forward(x, bn_w, bn_b, rm, rv, momentum, eps, update)
+            out = F.conv2d(a, w, b, stride, padding, dilation, groups)
+        else:
+            # the statistics of the whole batch (the kernel native_batch_norm uses, running
+            # statistics included), then BN, Swish and the conv a few images at a time
+            mean, var = torch.batch_norm_update_stats(x, rm, rv, momentum)
+            invstd = torch.sqrt(var + eps).reciprocal_()
+            if update is not None:
+                update(mean, invstd, x)
+            out = None
+            for i, n in chunks:
+                a = F.silu(_bn_output(x.narrow(0, i, n), bn_w, bn_b, mean, invstd), inplace=True)
+                o = F.conv2d(a, w, b, stride, padding, dilation, groups)
+                del a
+                if out is None:
+                    shape = (x.shape[0], *o.shape[1:])
+                    out = torch.empty(
+                        shape, dtype=o.dtype, device=o.device, memory_format=_format(o)
+                    )
+                out.narrow(0, i, n).copy_(o)
         ctx.save_for_backward(x, bn_w, bn_b, mean, invstd, w)
         ctx.eps, ctx.conv_args, ctx.depthwise = eps, conv_args, depthwise
         ctx.bias_sizes = None if b is None else list(b.shape)
