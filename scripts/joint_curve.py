@@ -51,13 +51,15 @@ def main() -> None:
     ap.add_argument("--likelihood", default="laplace", help="laplace | gaussian")
     ap.add_argument("--kl-align", default="", help="e.g. img: KL-match q_txt to q_img")
     ap.add_argument("--kl-align-weight", type=float, default=1.0)
+    ap.add_argument("--kl-align-direction", default="forward", help="forward | reverse")
     ap.add_argument("--decoder-coords", action="store_true", help="CoordConv decoder")
     ap.add_argument("--cross-frozen", default="", help="e.g. img: no decoder grad from cross")
+    ap.add_argument("--seed", type=int, default=0, help="torch seed (initialisation, batches)")
     ap.add_argument("--save", default=None, help="save the network's state_dict here")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     dm = ShapesDataModule(
         data_dir=args.data_dir, level=args.level, num_train=20000, num_val=500,
         num_test=max(500, args.num_eval), batch_size=args.batch,
@@ -77,7 +79,7 @@ def main() -> None:
     net = JointVAE(
         image, text, fusion=args.fusion, likelihood_scale=scale, cross_frozen=frozen,
         kl_align=tuple(m for m in args.kl_align.split(",") if m),
-        kl_align_weight=args.kl_align_weight,
+        kl_align_weight=args.kl_align_weight, kl_align_direction=args.kl_align_direction,
     )  # fmt: skip
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     sched = None

@@ -586,6 +586,15 @@ class TestCrossOptions:
             td.Normal(q["txt"].loc, q["txt"].log_scale.exp()),
         ).sum(-1)
         torch.testing.assert_close(got, torch.where(obs["img"], ref, torch.zeros_like(ref)))
+        rev = align_kl(enc, "img", TermLog(), "reverse")  # KL(q_txt || sg q_img)
+        ref_rev = td.kl_divergence(
+            td.Normal(q["txt"].loc, q["txt"].log_scale.exp()),
+            td.Normal(q["img"].loc, q["img"].log_scale.exp()),
+        ).sum(-1)
+        torch.testing.assert_close(rev, torch.where(obs["img"], ref_rev, torch.zeros_like(ref)))
+        assert not torch.allclose(rev[obs["img"]], got[obs["img"]])  # asymmetric
+        with pytest.raises(ValueError, match="kl_align_direction"):
+            tiny_model(kl_align=("img",), kl_align_direction="both")
         # the image expert is the target: no gradient reaches it
         loc = q["img"].loc.requires_grad_()
         q["img"] = Normal(loc, q["img"].log_scale)

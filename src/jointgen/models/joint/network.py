@@ -93,6 +93,7 @@ class JointVAE(nn.Module):
         cross_frozen: Sequence[str] = (),
         kl_align: Sequence[str] = (),
         kl_align_weight: float = 1.0,
+        kl_align_direction: str = "forward",
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
@@ -129,7 +130,12 @@ class JointVAE(nn.Module):
                 f"kl_align needs known modalities (got {list(kl_align)}) and normal "
                 f"posteriors (got {image.family!r})"
             )
+        if kl_align_direction not in ("forward", "reverse"):
+            raise ValueError(
+                f"kl_align_direction must be 'forward' or 'reverse', got {kl_align_direction!r}"
+            )
         self.kl_align, self.kl_align_weight = tuple(kl_align), float(kl_align_weight)
+        self.kl_align_direction = kl_align_direction
         self.fusion, self.prior_expert, self.objective = fusion, prior_expert, objective
         self.K, self.looser, self.beta, self.free_bits = K, looser, beta, free_bits
         self.mopoe_sampling, self.family, self.z_dim = mopoe_sampling, image.family, image.z_dim
@@ -169,7 +175,7 @@ class JointVAE(nn.Module):
         opts = BoundOptions(
             self.objective, self.K, self.looser, self.beta * kl_coeff, self.likelihood_scales,
             self.family, self.prior_expert, self._weights(), self.free_bits, self.mopoe_sampling,
-            self.cross_frozen, self.kl_align, self.kl_align_weight,
+            self.cross_frozen, self.kl_align, self.kl_align_weight, self.kl_align_direction,
         )  # fmt: skip
         if self.fusion in ("moe", "mmvae_plus"):
             bound, log = stratified_bound(self.branches, enc, opts, self.fusion == "mmvae_plus")
@@ -177,7 +183,9 @@ class JointVAE(nn.Module):
             bound_fn = poe_bound if self.fusion == "poe" else mopoe_bound
             bound, log = bound_fn(self.branches, enc, opts)
             for n in self.kl_align:  # no cross term to drop here: the KL is added
-                bound = bound - self.kl_align_weight * align_kl(enc, n, log)
+                bound = bound - self.kl_align_weight * align_kl(
+                    enc, n, log, self.kl_align_direction
+                )
         loss = -bound.mean()
         terms = {**log.means(), "bound": bound.detach().mean()}
         return JointOutput(loss, bound.detach(), terms)

@@ -97,6 +97,7 @@ class BoundOptions:
     cross_frozen: tuple[str, ...] = ()  # decoders that take no parameter gradient from cross terms
     kl_align: tuple[str, ...] = ()  # modalities whose cross likelihood is replaced by KL matching
     kl_align_weight: float = 1.0
+    kl_align_direction: str = "forward"  # forward KL(sg q_n || q_m) | reverse KL(q_m || sg q_n)
 
 
 class TermLog:
@@ -267,26 +268,29 @@ def stratified_bound(
         latents.append([z] + [w for t in terms.values() for w in t.latents])
     bound = reduce_strata(lws, valid, latents, opts.objective, opts.looser)
     for n in opts.kl_align:
-        bound = bound - opts.kl_align_weight * align_kl(enc, n, log)
+        bound = bound - opts.kl_align_weight * align_kl(enc, n, log, opts.kl_align_direction)
     return bound, log
 
 
-def align_kl(enc: Encoded, n: str, log: TermLog) -> torch.Tensor:
-    """sum over the other experts m of KL(sg[q_n(z | x_n)] || q_m(z | x_m)) on the samples that
-    observe both, ``(B,)``: trains q_m as a conditional prior that covers the posteriors of
-    every x_n it goes with, instead of (through the cross likelihood) a point whose decoding
-    is their blurred average."""
+def align_kl(enc: Encoded, n: str, log: TermLog, direction: str = "forward") -> torch.Tensor:
+    """sum over the other experts m of a KL between sg[q_n(z | x_n)] and q_m(z | x_m) on the
+    samples that observe both, ``(B,)``: trains q_m as a conditional prior over the posteriors
+    of every x_n it goes with, instead of (through the cross likelihood) a point whose decoding
+    is their blurred average. ``forward`` KL(sg q_n || q_m) covers all of them (diverse
+    samples); ``reverse`` KL(q_m || sg q_n) is mode-seeking: q_m settles where they overlap
+    (its precision is their mean precision), so its samples are typical rather than diverse."""
     target = enc.experts[n].detach()
     total = torch.zeros_like(enc.obs[n], dtype=target.loc.dtype)
     for m in MODALITIES:
         if m == n:
             continue
         q = enc.experts[m]
+        p_, r_ = (target, q) if direction == "forward" else (q, target)
         both = enc.obs[n] & enc.obs[m]
         kl = (
-            q.log_scale - target.log_scale
-            + 0.5 * (torch.exp(2 * target.log_scale) + (target.loc - q.loc) ** 2)
-            * torch.exp(-2 * q.log_scale)
+            r_.log_scale - p_.log_scale
+            + 0.5 * (torch.exp(2 * p_.log_scale) + (p_.loc - r_.loc) ** 2)
+            * torch.exp(-2 * r_.log_scale)
             - 0.5
         ).sum(-1)  # fmt: skip
         log.add(f"kl_align/{m}_{n}", kl, both)
