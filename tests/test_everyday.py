@@ -136,3 +136,26 @@ def test_word2vec_progress_ticks_per_epoch(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "word2vec corpus.txt" in out and "2/2" in out  # one tick per epoch
     assert len(load_vectors(tmp_path / "v.bin")[0]) == 8  # </s> and the seven words
+
+
+def test_oversubscription_warning(monkeypatch, caplog):
+    """CPU training with 2 threads on 2 cores already busy warns once, naming the fix."""
+    import os
+
+    import torch
+
+    from jointgen.utils.runtime import warn_if_oversubscribed
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
+    with caplog.at_level("WARNING"):
+        msg = warn_if_oversubscribed("cpu")
+    assert msg and "OMP_NUM_THREADS=1" in msg and "1.9 on 2 cores" in msg
+    assert msg in caplog.text
+    assert warn_if_oversubscribed("gpu") is None  # GPU training: the cores only feed it
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    assert warn_if_oversubscribed("cpu") is None  # an idle machine
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert warn_if_oversubscribed("cpu") is None  # one thread never waits for another

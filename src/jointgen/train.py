@@ -23,7 +23,13 @@ from jointgen.callbacks.rng_state import RNGState
 from jointgen.utils.checks import check_config, check_model_data
 from jointgen.utils.instantiate import instantiate_nodes
 from jointgen.utils.resume import auto_resume_argv, resolve_resume
-from jointgen.utils.runtime import ConfigInCheckpoint, build_trainer, finish_loggers, print_config
+from jointgen.utils.runtime import (
+    ConfigInCheckpoint,
+    build_trainer,
+    finish_loggers,
+    print_config,
+    warn_if_oversubscribed,
+)
 from jointgen.utils.secrets import redact
 from jointgen.utils.sweeps import finished_job_result  # also registers ${sqlite:...}
 
@@ -54,6 +60,7 @@ def run_train(cfg: DictConfig) -> float | None:
     out_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         print_config(cfg)
+        warn_if_oversubscribed(cfg.trainer.get("accelerator", "auto"))
     hparams = redact(OmegaConf.to_container(cfg, resolve=True))  # no API keys in logger files
     hparams["model/params"] = sum(p.numel() for p in model.parameters())
     for lg in trainer.loggers:
