@@ -361,19 +361,22 @@ def _bn_backward(gy, x, weight, mean, invstd, eps, needs):
     return gx, gw if needs[1] else None, gb if needs[2] else None
 
 
-# Backward of the largest tensors (the 32x32 post-process cells) runs a few images at a time on
-# CPU: its full-size temporaries would otherwise come on top of every saved activation at the
-# start of backward, the step's memory peak. Chunks of about 1 MiB per temporary; accelerators
-# take the whole batch (fewer kernel launches).
-_CHUNK_BYTES = {"cpu": 1 << 20}
+# The fused functions below (and upsample + depthwise) work a few images at a time on CPU: their
+# full-size temporaries would otherwise come on top of every saved activation, and glibc seldom
+# reuses the holes they leave. Chunks of at most 512 KiB per temporary (tiny config, channels-last,
+# peak RSS: 0.390 GB unchunked, 0.380 at 1 MiB, 0.379 at 512 KiB; with checkpointing 0.376, 0.366,
+# 0.362); accelerators take the whole batch (fewer kernel launches).
+_CHUNK_BYTES = {"cpu": 1 << 19}
 
 
 def _batch_chunks(x: torch.Tensor, scale: int = 1) -> list[tuple[int, int]]:
-    """(start, length) along the batch so that ``scale`` times a chunk of ``x`` fits a chunk."""
-    per_image = max(x[0].numel() * x.element_size() * scale, 1)
+    """(start, length) pairs along the batch; a chunk's temporaries, ``scale`` times its part of
+    ``x``, stay within ``_CHUNK_BYTES`` (one image at least)."""
+    b = x.shape[0]
+    per_image = max(x.numel() // max(b, 1) * x.element_size() * scale, 1)
     limit = _CHUNK_BYTES.get(x.device.type)
-    n = x.shape[0] if limit is None else max(1, limit // per_image)
-    return [(i, min(n, x.shape[0] - i)) for i in range(0, x.shape[0], n)]
+    n = b if limit is None else max(1, limit // per_image)
+    return [(i, min(n, b - i)) for i in range(0, b, n)] or [(0, 0)]
 
 
 def _add(total, part):
