@@ -59,7 +59,6 @@ class ConfigInCheckpoint(pl.Callback):
         checkpoint["jointgen_config"] = self.config
 
 
-@rank_zero_only
 def warn_if_oversubscribed(accelerator: str) -> str | None:
     """Warn (and return the message) when CPU training would share busy cores with other jobs.
 
@@ -83,6 +82,7 @@ def warn_if_oversubscribed(accelerator: str) -> str | None:
     return msg
 
 
+@rank_zero_only
 def print_config(cfg: DictConfig) -> None:
     """Print the resolved config as a rich tree, secrets redacted: one branch per top-level
     node (data, model, trainer, callbacks...), its YAML highlighted; the scalars (task_name,
