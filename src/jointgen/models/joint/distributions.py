@@ -118,6 +118,12 @@ class Normal(_Family):
     def kl_standard(self) -> torch.Tensor:
         return 0.5 * (self.loc**2 + torch.exp(2.0 * self.log_scale) - 1.0) - self.log_scale
 
+    def kl(self, other: Normal) -> torch.Tensor:
+        """KL(self || other) between diagonal Normals, summed over the event axis: ``(B,)``."""
+        var_ratio = torch.exp(2 * (self.log_scale - other.log_scale))
+        mahalanobis = (self.loc - other.loc) ** 2 * torch.exp(-2 * other.log_scale)
+        return (other.log_scale - self.log_scale + 0.5 * (var_ratio + mahalanobis) - 0.5).sum(-1)
+
     def entropy(self) -> torch.Tensor:
         return (0.5 * (1.0 + LOG_2PI) + self.log_scale).sum(-1)
 

@@ -25,7 +25,7 @@ from jointgen.models.joint.objectives import (
     OBJECTIVES,
     BoundOptions,
     Encoded,
-    align_kl,
+    kl_align_penalty,
     mopoe_bound,
     poe_bound,
     resolve_likelihood_scales,
@@ -182,10 +182,7 @@ class JointVAE(nn.Module):
         else:
             bound_fn = poe_bound if self.fusion == "poe" else mopoe_bound
             bound, log = bound_fn(self.branches, enc, opts)
-            for n in self.kl_align:  # no cross term to drop here: the KL is added
-                bound = bound - self.kl_align_weight * align_kl(
-                    enc, n, log, self.kl_align_direction
-                )
+            bound = bound - kl_align_penalty(enc, opts, log)  # no cross term to drop: added
         loss = -bound.mean()
         terms = {**log.means(), "bound": bound.detach().mean()}
         return JointOutput(loss, bound.detach(), terms)

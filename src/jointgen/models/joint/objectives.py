@@ -267,9 +267,16 @@ def stratified_bound(
         valid.append(enc.obs[m])
         latents.append([z] + [w for t in terms.values() for w in t.latents])
     bound = reduce_strata(lws, valid, latents, opts.objective, opts.looser)
+    return bound - kl_align_penalty(enc, opts, log), log
+
+
+def kl_align_penalty(enc: Encoded, opts: BoundOptions, log: TermLog) -> torch.Tensor:
+    """The weighted :func:`align_kl` of every modality in ``opts.kl_align``, ``(B,)`` (0 when
+    none), to subtract from any fusion's bound."""
+    total = torch.zeros((), device=next(iter(enc.obs.values())).device)
     for n in opts.kl_align:
-        bound = bound - opts.kl_align_weight * align_kl(enc, n, log, opts.kl_align_direction)
-    return bound, log
+        total = total + opts.kl_align_weight * align_kl(enc, n, log, opts.kl_align_direction)
+    return total
 
 
 def align_kl(enc: Encoded, n: str, log: TermLog, direction: str = "forward") -> torch.Tensor:
@@ -285,14 +292,8 @@ def align_kl(enc: Encoded, n: str, log: TermLog, direction: str = "forward") -> 
         if m == n:
             continue
         q = enc.experts[m]
-        p_, r_ = (target, q) if direction == "forward" else (q, target)
+        kl = target.kl(q) if direction == "forward" else q.kl(target)
         both = enc.obs[n] & enc.obs[m]
-        kl = (
-            r_.log_scale - p_.log_scale
-            + 0.5 * (torch.exp(2 * p_.log_scale) + (p_.loc - r_.loc) ** 2)
-            * torch.exp(-2 * r_.log_scale)
-            - 0.5
-        ).sum(-1)  # fmt: skip
         log.add(f"kl_align/{m}_{n}", kl, both)
         total = total + _zero_where(both, kl)
     return total
