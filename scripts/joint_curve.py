@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--kl-align-direction", default="forward", help="forward | reverse")
     ap.add_argument("--decoder-coords", action="store_true", help="CoordConv decoder")
     ap.add_argument("--cross-frozen", default="", help="e.g. img: no decoder grad from cross")
+    ap.add_argument("--caption-prior", type=int, default=0, help="mixture p(z | caption) K")
+    ap.add_argument("--joint-prior", type=int, default=0, help="mixture for joint sampling K")
     ap.add_argument("--seed", type=int, default=0, help="torch seed (initialisation, batches)")
     ap.add_argument("--save", default=None, help="save the network's state_dict here")
     args = ap.parse_args()
@@ -80,6 +82,7 @@ def main() -> None:
         image, text, fusion=args.fusion, likelihood_scale=scale, cross_frozen=frozen,
         kl_align=tuple(m for m in args.kl_align.split(",") if m),
         kl_align_weight=args.kl_align_weight, kl_align_direction=args.kl_align_direction,
+        caption_prior_components=args.caption_prior, joint_prior_components=args.joint_prior,
     )  # fmt: skip
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     sched = None
@@ -107,6 +110,10 @@ def main() -> None:
                     net.caption_to_image(tokens, aux_prior=True), attrs, args.level
                 )
                 print(f"  c2i with w ~ r(w): strict {aux['strict']:.3f}", flush=True)
+            if net.caption_prior is not None:
+                z = net.unimodal_posterior("txt", tokens).rsample(1)[0]
+                plain = cross_coherence_txt2img(net.branches["img"].generate(z), attrs, args.level)
+                print(f"  c2i from q(z | caption): strict {plain['strict']:.3f}", flush=True)
             if clf is not None:
                 c2c = cross_coherence_txt2img(
                     gen, attrs, args.level, method="classifier", classifier=clf

@@ -61,6 +61,11 @@ class JointLitModule(SeededEvaluation, LightningModule):
         num_iw_samples_val / num_iw_samples_test: importance samples for ``bpd_img``.
         max_bad_steps: consecutive non-finite losses tolerated (each skipped) before stopping.
         eval_seed: validation and test draw their samples from this seed.
+        prior_fit_steps: before each validation, refit the network's generation-time mixture
+            priors (``caption_prior_components``, ``joint_prior_components``) with this many
+            Adam steps on the posteriors of ``prior_fit_images`` training images
+            (``JointVAE.fit_priors``); 0 = only their online fit.
+        prior_fit_images, prior_fit_batch_size, prior_fit_lr: that refit's data and settings.
     """
 
     def __init__(
@@ -78,6 +83,10 @@ class JointLitModule(SeededEvaluation, LightningModule):
         num_iw_samples_test: int = 10,
         max_bad_steps: int = 20,
         eval_seed: int = 1234,
+        prior_fit_steps: int = 0,
+        prior_fit_images: int = 5000,
+        prior_fit_batch_size: int = 256,
+        prior_fit_lr: float = 1e-3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer"])
@@ -86,6 +95,11 @@ class JointLitModule(SeededEvaluation, LightningModule):
         if not 0 <= kl_warmup_fraction <= 1:
             raise ValueError(
                 f"model.kl_warmup_fraction must be in [0, 1], got {kl_warmup_fraction}"
+            )
+        if prior_fit_steps < 0 or prior_fit_images < 1 or prior_fit_batch_size < 1:
+            raise ValueError(
+                "model.prior_fit_steps must be >= 0 and prior_fit_images, prior_fit_batch_size "
+                f">= 1; got {prior_fit_steps}, {prior_fit_images}, {prior_fit_batch_size}"
             )
         self.net = net
         self.optimizer = optimizer
@@ -213,6 +227,40 @@ class JointLitModule(SeededEvaluation, LightningModule):
             self.log(f"{stage}/{name}", metric, on_epoch=True, prog_bar=name == "nelbo")
         terms = {f"{stage}/{n}": v for n, v in out.terms.items() if n != "bound"}
         self.log_dict(terms, on_epoch=True, batch_size=bs)
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()  # seeds the evaluation RNG: the refit is repeatable
+        h, t = self.hparams, self.trainer
+        if h.prior_fit_steps <= 0 or t.sanity_checking or t.datamodule is None:
+            return
+        if self.net.caption_prior is None and self.net.joint_prior is None:
+            return
+        nll = self.refit_priors(t.datamodule.train_dataloader())
+        self.log_dict({f"val/refit_{k}": v for k, v in nll.items()}, sync_dist=True)
+
+    def refit_priors(self, loader) -> dict[str, float]:
+        """``JointVAE.fit_priors`` on the first ``prior_fit_images`` images of ``loader``;
+        under DDP every rank then takes rank 0's priors, so the replicas stay identical."""
+        h = self.hparams
+
+        def batches():
+            seen = 0
+            for batch in loader:
+                yield {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                seen += len(batch["image"])
+                if seen >= h.prior_fit_images:
+                    return
+
+        # validation runs under inference mode; the fit needs autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            nll = self.net.fit_priors(
+                batches(), h.prior_fit_steps, h.prior_fit_batch_size, h.prior_fit_lr
+            )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for prior in (self.net.caption_prior, self.net.joint_prior):
+                for p in prior.parameters() if prior is not None else ():
+                    torch.distributed.broadcast(p.data, src=0)
+        return nll
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.hparams.num_iw_samples_val)

@@ -12,14 +12,20 @@ nothing about training loops: a LightningModule calls ``forward(batch, kl_coeff)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from jointgen.models.joint.distributions import Distribution, standard
+from jointgen.models.joint.distributions import Distribution, Normal, standard
 from jointgen.models.joint.fusion import FUSIONS, poe
+from jointgen.models.joint.latent_prior import (
+    ConditionalMixturePrior,
+    MixturePrior,
+    fit_mixture_priors,
+    mixture_nll,
+)
 from jointgen.models.joint.objectives import (
     MODALITIES,
     OBJECTIVES,
@@ -72,6 +78,14 @@ class JointVAE(nn.Module):
         free_bits: per-dimension floor (nats) on the closed-form KL of z (``poe``/``mopoe``
             with ``elbo``); the private floors are set in the branches.
         poe_expert_weights: learn a positive precision multiplier per modality (generalised PoE).
+        cross_aux_prior, cross_frozen, kl_align, kl_align_weight, kl_align_direction: see
+            ``conf/model/joint.yaml`` and ``objectives.BoundOptions``.
+        caption_prior_components: K > 0 fits p(z | caption), a K-component mixture density
+            network on the caption expert, to the image posteriors; caption-to-image samples
+            it instead of q(z | caption) (``latent_prior``). 0 = off.
+        joint_prior_components: K > 0 fits a K-component Gaussian mixture to the image
+            posteriors; joint samples draw z from it instead of p(z). 0 = off.
+        prior_hidden: hidden width of the caption prior's network.
     """
 
     def __init__(
@@ -94,6 +108,9 @@ class JointVAE(nn.Module):
         kl_align: Sequence[str] = (),
         kl_align_weight: float = 1.0,
         kl_align_direction: str = "forward",
+        caption_prior_components: int = 0,
+        joint_prior_components: int = 0,
+        prior_hidden: int = 256,
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
@@ -142,6 +159,22 @@ class JointVAE(nn.Module):
         dims = {"img": image.data_dim, "txt": text.data_dim}
         self.likelihood_scales = resolve_likelihood_scales(likelihood_scale, dims)
         self.expert_log_weights = nn.Parameter(torch.zeros(2)) if poe_expert_weights else None
+        if caption_prior_components < 0 or joint_prior_components < 0:
+            raise ValueError(
+                "caption_prior_components and joint_prior_components must be >= 0, got "
+                f"{caption_prior_components}, {joint_prior_components}"
+            )
+        if (caption_prior_components or joint_prior_components) and self.family != "normal":
+            raise ValueError(f"mixture priors need normal posteriors, got {self.family!r}")
+        # generation-time priors fitted to the image posteriors (latent_prior.py); None = off
+        self.caption_prior = (
+            ConditionalMixturePrior(self.z_dim, caption_prior_components, prior_hidden)
+            if caption_prior_components
+            else None
+        )
+        self.joint_prior = (
+            MixturePrior(self.z_dim, joint_prior_components) if joint_prior_components else None
+        )
 
     # --- training -------------------------------------------------------------------------
 
@@ -185,14 +218,73 @@ class JointVAE(nn.Module):
             bound = bound - kl_align_penalty(enc, opts, log)  # no cross term to drop: added
         loss = -bound.mean()
         terms = {**log.means(), "bound": bound.detach().mean()}
+        loss = loss + self._prior_losses(enc, terms)
         return JointOutput(loss, bound.detach(), terms)
+
+    def _prior_losses(self, enc: Encoded, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Maximum-likelihood losses of the generation-time mixture priors on one sample of
+        sg q(z | image) per observed image (their own parameters only); logged as
+        ``prior_nll/caption`` and ``prior_nll/joint``."""
+        total = torch.zeros((), device=enc.obs["img"].device)
+        if self.caption_prior is None and self.joint_prior is None:
+            return total
+        with torch.no_grad():
+            target = self._as_unimodal("img", enc.experts["img"]).rsample(1)[0]
+        if self.caption_prior is not None:
+            q_txt = self._as_unimodal("txt", enc.experts["txt"])
+            nll = mixture_nll(self.caption_prior(q_txt), target, enc.obs["img"] & enc.obs["txt"])
+            terms["prior_nll/caption"] = nll.detach()
+            total = total + nll
+        if self.joint_prior is not None:
+            nll = mixture_nll(self.joint_prior(), target, enc.obs["img"])
+            terms["prior_nll/joint"] = nll.detach()
+            total = total + nll
+        return total
+
+    def fit_priors(
+        self,
+        batches: Iterable[Mapping[str, torch.Tensor]],
+        steps: int,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+    ) -> dict[str, float]:
+        """Refit ``caption_prior`` and ``joint_prior`` on the posteriors of ``batches`` (image
+        observed rows; the caption prior also needs the caption) with the network frozen in
+        eval mode. Gradients must be enabled. Returns the final negative log-likelihoods."""
+        if self.caption_prior is None and self.joint_prior is None:
+            return {}
+        was_training = self.training
+        self.eval()
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("il", "is", "tl", "ts", "both")}
+        with torch.no_grad():
+            for batch in batches:
+                enc = self.encode_experts(batch)
+                keep = enc.obs["img"]
+                q_img = self._as_unimodal("img", enc.experts["img"])
+                q_txt = self._as_unimodal("txt", enc.experts["txt"])
+                for key, t in zip(
+                    parts, (q_img.loc, q_img.log_scale, q_txt.loc, q_txt.log_scale, enc.obs["txt"])
+                ):
+                    parts[key].append(t[keep])
+        cat = {k: torch.cat(v) for k, v in parts.items()}
+        if len(cat["il"]) == 0:
+            raise ValueError("fit_priors: no sample with an observed image")
+        self.train(was_training)
+        return fit_mixture_priors(
+            self.caption_prior, self.joint_prior,
+            Normal(cat["il"], cat["is"], clamp=False), Normal(cat["tl"], cat["ts"], clamp=False),
+            cat["both"], steps=steps, batch_size=batch_size, lr=lr,
+        )  # fmt: skip
 
     # --- posteriors -----------------------------------------------------------------------
 
     def unimodal_posterior(self, m: str, x: torch.Tensor) -> Distribution:
         """q(z | x_m) as the fusion sees a sample with only modality ``m``."""
-        q, _ = self.branches[m].expert(x)
+        return self._as_unimodal(m, self.branches[m].expert(x)[0])
+
+    def _as_unimodal(self, m: str, q: Distribution) -> Distribution:
         if self.fusion in ("poe", "mopoe"):
+            x = q.loc
             w = self._weights()
             ones = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
             i = MODALITIES.index(m)
@@ -200,18 +292,25 @@ class JointVAE(nn.Module):
         return q
 
     def _cross(self, m: str, x: torch.Tensor, temp: float) -> torch.Tensor:
-        return self.unimodal_posterior(m, x).rsample(1, temp)[0]
+        q = self.unimodal_posterior(m, x)
+        if m == "txt" and self.caption_prior is not None:
+            return self.caption_prior(q).sample(temp)
+        return q.rsample(1, temp)[0]
 
     # --- generation -----------------------------------------------------------------------
 
     @torch.no_grad()
     def sample_joint(self, n: int, temp: float = 1.0) -> dict[str, torch.Tensor]:
-        """z ~ p(z) (scale × temp), then both decoders with private latents from their priors.
+        """z ~ p(z) (or the fitted ``joint_prior`` mixture when configured; scale × temp), then
+        both decoders with private latents from their priors.
 
         Returns ``image`` (n, C, H, W) in [0, 1] and ``tokens`` (n, L).
         """
         ref = next(self.parameters())
-        z = standard(self.family, ref.new_zeros(n, self.z_dim)).rsample(1, temp)[0]
+        if self.joint_prior is not None:
+            z = self.joint_prior(n).sample(temp)
+        else:
+            z = standard(self.family, ref.new_zeros(n, self.z_dim)).rsample(1, temp)[0]
         return {
             "image": self.branches["img"].generate(z, temp),
             "tokens": self.branches["txt"].generate(z, temp),
@@ -221,7 +320,8 @@ class JointVAE(nn.Module):
     def caption_to_image(
         self, tokens: torch.Tensor, temp: float = 1.0, *, aux_prior: bool | None = None
     ) -> torch.Tensor:
-        """z ~ q(z | caption) (scale × temp; 0 gives the mean), w_img from its prior p(w), or
+        """z ~ q(z | caption) (or, when configured, the fitted ``caption_prior`` mixture given that
+        expert; scale × temp; 0 gives the mean), w_img from its prior p(w), or
         from the auxiliary prior r(w) when ``aux_prior`` (default: ``self.cross_aux_prior``)
         -> images ``(B, C, H, W)``."""
         z = self._cross("txt", tokens, temp)
