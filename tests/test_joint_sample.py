@@ -21,6 +21,7 @@ from jointgen.utils.images import captioned_grid, render_captioned_grid
 # a joint model small enough for a CPU test (the joint_shapes experiment, shrunk)
 TINY_JOINT = [
     "experiment=joint_shapes",
+    "model.prior_fit_steps=20",  # the refit path, cheaply
     "model/image_branch=conv",
     "data.num_train=32",
     "data.num_val=16",

@@ -13,6 +13,7 @@ from jointgen.utils.checkpoint import model_from_checkpoint
 
 JOINT_TINY = [
     "experiment=joint_shapes",
+    "model.prior_fit_steps=20",  # the refit path, cheaply
     "data.level=1",
     "data.image_size=16",
     "data.num_train=64",

@@ -107,6 +107,7 @@ def test_crash_on_one_rank_ends_every_rank_with_a_message(tmp_path):
 # the joint VAE (conv image branch, no BatchNorm): the same check for the second family
 JOINT_PARITY = [
     "experiment=joint_shapes",
+    "model.prior_fit_steps=20",  # the refit path, cheaply
     "data.level=1",
     "data.image_size=16",
     "data.num_train=64",

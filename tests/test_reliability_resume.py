@@ -116,6 +116,7 @@ RUN = [
 # the joint VAE (conv branch, autoregressive caption decoder): the same run for that family
 JOINT_RUN = [
     "experiment=joint_shapes",
+    "model.prior_fit_steps=20",  # the refit path, cheaply
     "data.level=1",
     "data.image_size=16",
     "data.batch_size=16",

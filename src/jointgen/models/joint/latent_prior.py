@@ -172,10 +172,10 @@ def fit_mixture_priors(
         if caption_prior is not None:
             q = Normal(q_txt.loc[rows], q_txt.log_scale[rows], clamp=False)
             nll = mixture_nll(caption_prior(q), target, paired[rows])
-            out["prior_nll/caption"], loss = nll, loss + nll
+            out["prior_nll/caption"], loss = nll.detach(), loss + nll
         if joint_prior is not None:
             nll = mixture_nll(joint_prior(), target, torch.ones_like(paired[rows]))
-            out["prior_nll/joint"], loss = nll, loss + nll
+            out["prior_nll/joint"], loss = nll.detach(), loss + nll
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
