@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jointgen.models.joint.distributions import LOG_2PI, Normal, soft_clamp
+from jointgen.models.joint.distributions import Normal, soft_clamp
 
 
 class GaussianMixture:
@@ -41,8 +41,7 @@ class GaussianMixture:
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log density of ``z`` ``(..., D)`` (broadcast against the batch shape) -> ``(...)``."""
-        e = (z.unsqueeze(-2) - self.loc) * torch.exp(-self.log_scale)
-        per_component = (-0.5 * e * e - self.log_scale - 0.5 * LOG_2PI).sum(-1)
+        per_component = Normal(self.loc, self.log_scale, clamp=False).log_prob(z.unsqueeze(-2))
         return torch.logsumexp(self.log_weights + per_component, -1)
 
     def sample(self, temp: float = 1.0) -> torch.Tensor:
