@@ -28,6 +28,7 @@ from jointgen.models.joint.distributions import log_mean_exp, standard
 from jointgen.models.joint.image_nvae import NVAEImageBranch
 from jointgen.models.nvae.objectives import SpectralRegularizer, bn_loss, lr_factor
 from jointgen.models.nvae_module import NonFiniteLossError
+from jointgen.models.schedule_clock import ScheduleClock, check_clock
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def warmup_coeff(step: int, total: int, fraction: float, delay: float = 0.0, flo
     return float(max(min((step - delay * total) / warm, 1.0), floor))
 
 
-class JointLitModule(SeededEvaluation, LightningModule):
+class JointLitModule(ScheduleClock, SeededEvaluation, LightningModule):
     """Trains :class:`~jointgen.models.joint.JointVAE` on caption-image batches.
 
     Args:
@@ -66,6 +67,9 @@ class JointLitModule(SeededEvaluation, LightningModule):
             Adam steps on the posteriors of ``prior_fit_images`` training images
             (``JointVAE.fit_priors``); 0 = only their online fit.
         prior_fit_images, prior_fit_batch_size, prior_fit_lr: that refit's data and settings.
+        schedule_clock: ``steps`` (KL warm-up and lr decay planned over ``max_epochs``) or
+            ``time`` (they also follow the share of ``trainer.max_time`` used, so a slower
+            machine still completes them; ``jointgen.models.schedule_clock``).
     """
 
     def __init__(
@@ -87,9 +91,11 @@ class JointLitModule(SeededEvaluation, LightningModule):
         prior_fit_images: int = 5000,
         prior_fit_batch_size: int = 256,
         prior_fit_lr: float = 1e-3,
+        schedule_clock: str = "steps",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer"])
+        check_clock(schedule_clock)
         if net.z_dim != z_dim:
             raise ValueError(f"model.z_dim={z_dim} but the branches use z_dim={net.z_dim}")
         if not 0 <= kl_warmup_fraction <= 1:
@@ -124,7 +130,7 @@ class JointLitModule(SeededEvaluation, LightningModule):
     def current_kl_coeff(self) -> float:
         h = self.hparams
         return warmup_coeff(
-            self.global_step,
+            self.schedule_step(),
             self._total_steps(),
             h.kl_warmup_fraction,
             h.kl_warmup_delay,
@@ -156,6 +162,7 @@ class JointLitModule(SeededEvaluation, LightningModule):
         )  # fmt: skip
         scalars = {f"train/{n}": v for n, v in out.terms.items() if n != "bound"}
         scalars |= extra | {"train/kl_coeff": k, "train/skipped_steps": float(self.skipped_steps)}
+        scalars["train/progress"] = self.schedule_step() / self._total_steps()
         self.log_dict(scalars, on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
@@ -297,5 +304,8 @@ class JointLitModule(SeededEvaluation, LightningModule):
             lr=lr,
             lr_min=lr if h.lr_min is None else h.lr_min,
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        if h.schedule_clock == "time":  # the scheduler's own count is the step; read the clock
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: fn(self.schedule_step()))
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

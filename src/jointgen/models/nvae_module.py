@@ -16,6 +16,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric, MinMetric
 
 from jointgen.models.eval_seed import SeededEvaluation
+from jointgen.models.schedule_clock import ScheduleClock, check_clock
 from jointgen.models.nvae import NVAE
 from jointgen.models.nvae.objectives import (
     SpectralRegularizer,
@@ -36,7 +37,7 @@ class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive non-finite training losses."""
 
 
-class NVAELitModule(SeededEvaluation, LightningModule):
+class NVAELitModule(ScheduleClock, SeededEvaluation, LightningModule):
     """Trains :class:`~jointgen.models.nvae.NVAE` with the NVAE objective.
 
     ``loss = mean_batch(recon + k * KL_bal) + lam * SR + lam * BN`` (spec section 2).
@@ -57,6 +58,8 @@ class NVAELitModule(SeededEvaluation, LightningModule):
         compile: wrap the network in ``torch.compile`` for training.
         eval_seed: validation and test draw their latent samples from this seed (the training
             RNG stream is saved and restored), so a checkpoint always scores the same.
+        schedule_clock: ``steps``, or ``time``: the KL and lr schedules also follow the share
+            of ``trainer.max_time`` used (``jointgen.models.schedule_clock``).
     """
 
     def __init__(
@@ -79,8 +82,10 @@ class NVAELitModule(SeededEvaluation, LightningModule):
         max_bad_steps: int = 20,
         compile: bool = False,
         eval_seed: int = 1234,
+        schedule_clock: str = "steps",
     ) -> None:
         super().__init__()
+        check_clock(schedule_clock)
         # primitives only, so checkpoints load with weights_only=True; the optimizer partial
         # is kept as an attribute and the full config is stored by the entry point
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer"])
@@ -121,7 +126,7 @@ class NVAELitModule(SeededEvaluation, LightningModule):
     def current_kl_coeff(self) -> float:
         h = self.hparams
         return kl_coeff(
-            self.global_step,
+            self.schedule_step(),
             self._total_steps(),
             h.kl_anneal_portion,
             h.kl_const_portion,
@@ -283,7 +288,10 @@ class NVAELitModule(SeededEvaluation, LightningModule):
             lr=lr,
             lr_min=self.hparams.lr_min,
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        if self.hparams.schedule_clock == "time":  # the scheduler counts steps; read the clock
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: fn(self.schedule_step()))
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
