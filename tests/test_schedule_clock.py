@@ -42,15 +42,19 @@ def test_time_clock_completes_the_schedules_when_max_time_stops_training(tmp_pat
     from test_joint_train import BRANCHES, JOINT_TINY
 
     lr, lr_min = 2e-3, 1e-5
-    overrides = JOINT_TINY + BRANCHES["conv"] + [
-        "trainer.max_epochs=1000",
-        "trainer.max_time=00:00:00:08",
-        "model.schedule_clock=time",
-        f"model.optimizer.lr={lr}",
-        f"model.lr_min={lr_min}",
-        "model.prior_fit_steps=0",
-        "test=false",
-    ]
+    overrides = (
+        JOINT_TINY
+        + BRANCHES["conv"]
+        + [
+            "trainer.max_epochs=1000",
+            "trainer.max_time=00:00:00:08",
+            "model.schedule_clock=time",
+            f"model.optimizer.lr={lr}",
+            f"model.lr_min={lr_min}",
+            "model.prior_fit_steps=0",
+            "test=false",
+        ]
+    )
     cfg = compose_cfg("train", overrides, tmp_path)
     run_train(cfg)
     summary = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())

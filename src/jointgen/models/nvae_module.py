@@ -16,7 +16,6 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric, MinMetric
 
 from jointgen.models.eval_seed import SeededEvaluation
-from jointgen.models.schedule_clock import ScheduleClock, check_clock
 from jointgen.models.nvae import NVAE
 from jointgen.models.nvae.objectives import (
     SpectralRegularizer,
@@ -29,6 +28,7 @@ from jointgen.models.nvae.objectives import (
     lr_factor,
     reg_coeff,
 )
+from jointgen.models.schedule_clock import ScheduleClock, check_clock
 
 log = logging.getLogger(__name__)
 
