@@ -65,3 +65,14 @@ def test_time_clock_completes_the_schedules_when_max_time_stops_training(tmp_pat
     assert final_lr < 0.25 * lr
     assert summary["metrics"]["train/kl_coeff"] == 1.0
     assert summary["metrics"]["train/progress"] > 0.5
+
+
+@pytest.mark.parametrize("experiment", ["nvae_shapes", "joint_shapes"])
+def test_both_families_read_the_clock_setting(tmp_path, experiment):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg("train", [f"experiment={experiment}"], tmp_path)
+    assert cfg.model.schedule_clock == "steps"  # the default, visible in the model config
+    cfg.model.schedule_clock = "hours"
+    with pytest.raises(Exception, match="schedule_clock"):
+        instantiate(cfg.model)
