@@ -48,14 +48,13 @@ def basic_sweep(tmp_path_factory):
 
 
 @SLOW
-def test_joblib_runs_both_jobs_at_once(basic_sweep):
+def test_joblib_launches_both_jobs(basic_sweep):
     _, sweep, res = basic_sweep
     assert "Joblib.Parallel(n_jobs=2" in res.stdout and "is launching 2 jobs" in res.stdout
     job0, job1 = _jobs(sweep)
-    # job 1 started (Hydra wrote its config) before job 0 finished (metrics.json)
-    assert (job1 / ".hydra" / "config.yaml").stat().st_mtime < (
-        job0 / "metrics.json"
-    ).stat().st_mtime
+    # no check that the jobs overlapped in time: when the second loky worker is slower to
+    # start than the first job takes, one worker runs both (seen on a loaded 2-core machine)
+    assert (job0 / "metrics.json").is_file() and (job1 / "metrics.json").is_file()
     hydra_cfg = yaml.safe_load((job0 / ".hydra" / "hydra.yaml").read_text())["hydra"]
     assert hydra_cfg["launcher"]["_target_"].endswith("JoblibLauncher")
     assert not (Path(sweep).parents[1] / "runs").exists()  # no stray single-run folders
