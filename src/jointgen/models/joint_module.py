@@ -304,8 +304,5 @@ class JointLitModule(ScheduleClock, SeededEvaluation, LightningModule):
             lr=lr,
             lr_min=lr if h.lr_min is None else h.lr_min,
         )
-        if h.schedule_clock == "time":  # the scheduler's own count is the step; read the clock
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: fn(self.schedule_step()))
-        else:
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        sched = self.step_lr_scheduler(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

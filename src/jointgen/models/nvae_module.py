@@ -288,10 +288,7 @@ class NVAELitModule(ScheduleClock, SeededEvaluation, LightningModule):
             lr=lr,
             lr_min=self.hparams.lr_min,
         )
-        if self.hparams.schedule_clock == "time":  # the scheduler counts steps; read the clock
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: fn(self.schedule_step()))
-        else:
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        sched = self.step_lr_scheduler(opt, fn)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

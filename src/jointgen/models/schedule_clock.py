@@ -17,6 +17,8 @@ are not step-for-step reproducible across machines; ``steps`` (the default) is.
 
 from __future__ import annotations
 
+import torch
+
 CLOCKS = ("steps", "time")
 
 
@@ -54,3 +56,12 @@ class ScheduleClock:
     def schedule_step(self) -> float:
         """The step the KL and lr schedules read (see the module docstring)."""
         return clock_step(self.global_step, self._total_steps(), self._timer())
+
+    def step_lr_scheduler(self, optimizer, factor):
+        """``LambdaLR`` of ``factor(step)``, stepped per optimizer step: on the step clock
+        ``step`` is the scheduler's own count, on the time clock the schedule step."""
+        if self.hparams.schedule_clock == "time":
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda _: factor(self.schedule_step())
+            )
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
