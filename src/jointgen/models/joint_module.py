@@ -20,6 +20,7 @@ from functools import partial
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import move_data_to_device
 from torchmetrics import MeanMetric, MinMetric
 
 from jointgen.models.eval_seed import SeededEvaluation
@@ -253,7 +254,7 @@ class JointLitModule(ScheduleClock, SeededEvaluation, LightningModule):
         def batches():
             seen = 0
             for batch in loader:
-                yield {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                yield move_data_to_device(batch, self.device)
                 seen += len(batch["image"])
                 if seen >= h.prior_fit_images:
                     return

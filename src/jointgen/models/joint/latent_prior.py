@@ -52,9 +52,8 @@ class GaussianMixture:
         else:
             k = torch.distributions.Categorical(logits=self.log_weights).sample()
         idx = k[..., None, None].expand(*k.shape, 1, self.loc.shape[-1])
-        loc = self.loc.gather(-2, idx).squeeze(-2)
-        scale = self.log_scale.gather(-2, idx).squeeze(-2).exp()
-        return loc + temp * scale * torch.randn_like(loc)
+        loc, log_scale = (t.gather(-2, idx).squeeze(-2) for t in (self.loc, self.log_scale))
+        return Normal(loc, log_scale, clamp=False).rsample(1, temp)[0]
 
 
 def _check(z_dim: int, components: int) -> None:
@@ -131,6 +130,28 @@ def mixture_nll(
     return torch.where(keep, nll, torch.zeros_like(nll)).sum() / n.clamp(min=1)
 
 
+def prior_losses(
+    caption_prior: ConditionalMixturePrior | None,
+    joint_prior: MixturePrior | None,
+    q_txt: Normal,
+    target: torch.Tensor,
+    paired: torch.Tensor,
+    observed: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed maximum-likelihood loss of the configured priors on draws ``target`` ``(B, D)``
+    of the image posteriors (the caption prior, given ``q_txt``, on the ``paired`` rows; the
+    joint prior on the ``observed`` rows) and its detached terms ``prior_nll/caption`` and
+    ``prior_nll/joint``."""
+    loss, terms = torch.zeros((), device=target.device), {}
+    if caption_prior is not None:
+        nll = mixture_nll(caption_prior(q_txt), target, paired)
+        terms["prior_nll/caption"], loss = nll.detach(), loss + nll
+    if joint_prior is not None:
+        nll = mixture_nll(joint_prior(), target, observed)
+        terms["prior_nll/joint"], loss = nll.detach(), loss + nll
+    return loss, terms
+
+
 def fit_mixture_priors(
     caption_prior: ConditionalMixturePrior | None,
     joint_prior: MixturePrior | None,
@@ -165,16 +186,10 @@ def fit_mixture_priors(
     n, out = q_img.loc.shape[0], {}
     for _ in range(steps):
         rows = torch.randint(0, n, (batch_size,), device=q_img.loc.device)
-        loc, scale = q_img.loc[rows], q_img.log_scale[rows].exp()
-        target = loc + scale * torch.randn_like(loc)
-        loss = torch.zeros((), device=loc.device)
-        if caption_prior is not None:
-            q = Normal(q_txt.loc[rows], q_txt.log_scale[rows], clamp=False)
-            nll = mixture_nll(caption_prior(q), target, paired[rows])
-            out["prior_nll/caption"], loss = nll.detach(), loss + nll
-        if joint_prior is not None:
-            nll = mixture_nll(joint_prior(), target, torch.ones_like(paired[rows]))
-            out["prior_nll/joint"], loss = nll.detach(), loss + nll
+        target = Normal(q_img.loc[rows], q_img.log_scale[rows], clamp=False).rsample(1)[0]
+        q = Normal(q_txt.loc[rows], q_txt.log_scale[rows], clamp=False)
+        both, every = paired[rows], torch.ones_like(paired[rows])
+        loss, out = prior_losses(caption_prior, joint_prior, q, target, both, every)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -24,7 +24,7 @@ from jointgen.models.joint.latent_prior import (
     ConditionalMixturePrior,
     MixturePrior,
     fit_mixture_priors,
-    mixture_nll,
+    prior_losses,
 )
 from jointgen.models.joint.objectives import (
     MODALITIES,
@@ -225,21 +225,16 @@ class JointVAE(nn.Module):
         """Maximum-likelihood losses of the generation-time mixture priors on one sample of
         sg q(z | image) per observed image (their own parameters only); logged as
         ``prior_nll/caption`` and ``prior_nll/joint``."""
-        total = torch.zeros((), device=enc.obs["img"].device)
         if self.caption_prior is None and self.joint_prior is None:
-            return total
+            return torch.zeros((), device=enc.obs["img"].device)
         with torch.no_grad():
             target = self._as_unimodal("img", enc.experts["img"]).rsample(1)[0]
-        if self.caption_prior is not None:
-            q_txt = self._as_unimodal("txt", enc.experts["txt"])
-            nll = mixture_nll(self.caption_prior(q_txt), target, enc.obs["img"] & enc.obs["txt"])
-            terms["prior_nll/caption"] = nll.detach()
-            total = total + nll
-        if self.joint_prior is not None:
-            nll = mixture_nll(self.joint_prior(), target, enc.obs["img"])
-            terms["prior_nll/joint"] = nll.detach()
-            total = total + nll
-        return total
+        q_txt = self._as_unimodal("txt", enc.experts["txt"])
+        img, txt = enc.obs["img"], enc.obs["txt"]
+        priors = (self.caption_prior, self.joint_prior)
+        loss, nlls = prior_losses(*priors, q_txt, target, img & txt, img)
+        terms.update(nlls)
+        return loss
 
     def fit_priors(
         self,
