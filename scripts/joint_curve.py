@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--kl-align-weight", type=float, default=1.0)
     ap.add_argument("--kl-align-direction", default="forward", help="forward | reverse")
     ap.add_argument("--decoder-coords", action="store_true", help="CoordConv decoder")
+    ap.add_argument("--z-from-map", action="store_true", help="z also reads the 4x4 map")
     ap.add_argument("--cross-frozen", default="", help="e.g. img: no decoder grad from cross")
     ap.add_argument("--caption-prior", type=int, default=0, help="mixture p(z | caption) K")
     ap.add_argument("--joint-prior", type=int, default=0, help="mixture for joint sampling K")
@@ -72,6 +73,7 @@ def main() -> None:
         32, 3, args.z_dim, args.w_dim, args.hidden, convs_per_level=args.convs_per_level,
         scale=args.scale_mode, derived_inputs=args.derived, full_res_convs=args.full_res,
         decoder_coords=args.decoder_coords, likelihood=args.likelihood,
+        z_from_map=args.z_from_map,
     )  # fmt: skip
     text = TextBranch(len(dm.vocab), 16, args.z_dim, 8, decoder=args.decoder)
     scale = args.scale  # a mode name, or explicit "img:1,txt:1000"

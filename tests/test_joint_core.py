@@ -386,6 +386,20 @@ class TestConvImage:
         out = branch.decode(torch.randn(3, Z))
         assert out.shape == (3, 3, 16, 16) and 0 <= out.min() and out.max() <= 1
 
+    @pytest.mark.parametrize("z_from_map", [False, True])
+    def test_shared_expert_reads_the_map_only_with_z_from_map(self, z_from_map):
+        # moving the final 4x4 map's features between positions keeps their mean and max, so
+        # the pooled expert cannot tell; with z_from_map the expert sees where they are
+        torch.manual_seed(0)
+        branch = ConvImageBranch(16, z_dim=Z, w_dim=0, hidden_channels=4, z_from_map=z_from_map)
+        h = torch.randn(2, branch.head_z[0].in_features // (18 if z_from_map else 2), 4, 4)
+        moved = h.flatten(2).roll(5, dims=2).view_as(h)
+        branch.encoder = torch.nn.Identity()
+        branch.derived_inputs = False
+        q, _ = branch.expert(h)
+        q_moved, _ = branch.expert(moved)
+        assert torch.allclose(q.loc, q_moved.loc, atol=1e-6) != z_from_map
+
     def test_bad_arguments(self):
         with pytest.raises(ValueError, match="power of two"):
             ConvImageBranch(image_size=48)

@@ -104,6 +104,9 @@ class ConvImageBranch(nn.Module):
             the encoder's first down-sampling and after the decoder's last up-sampling (the
             outline of a small object is lost once the side is halved).
         decoder_coords: every decoder conv also reads the pixel coordinates (``AddCoords``).
+        z_from_map: the shared expert also reads the flattened final 4x4 feature map, not only
+            its mean and max over positions: without a private latent, z must carry where the
+            object is and how it is turned, which pooling hides from it.
         family: posterior family of q(z | x) and q(w | x): ``normal`` or ``laplace``.
         free_bits: per-dimension KL floor for the closed-form KL of w (nats).
     """
@@ -124,6 +127,7 @@ class ConvImageBranch(nn.Module):
         derived_inputs: bool = False,
         full_res_convs: int = 0,
         decoder_coords: bool = False,
+        z_from_map: bool = False,
     ) -> None:
         super().__init__()
         levels = int(round(math.log2(image_size / 4))) if image_size > 0 else 0
@@ -138,7 +142,7 @@ class ConvImageBranch(nn.Module):
         make_dist(family, torch.zeros(1), torch.zeros(1))  # validates the family name
         self.image_size, self.channels, self.z_dim, self.w_dim = image_size, channels, z_dim, w_dim
         self.family, self.likelihood, self.scale = family, likelihood, scale
-        self.derived_inputs = derived_inputs
+        self.derived_inputs, self.z_from_map = derived_inputs, z_from_map
         self.data_dim = channels * image_size * image_size
 
         widths = [hidden_channels * 2 ** min(i, 2) for i in range(levels)]
@@ -156,9 +160,10 @@ class ConvImageBranch(nn.Module):
         self.encoder = nn.Sequential(*enc)
         # the shared expert sees globally pooled features (mean and max over positions): the
         # captioned attributes do not depend on where the object is, and a small object is
-        # found by the max; the private posterior keeps the spatial map (position, texture)
+        # found by the max; the private posterior (or, with z_from_map, z) reads the spatial map
+        z_in = widths[-1] * (2 + (16 if z_from_map else 0))
         self.head_z = nn.Sequential(
-            nn.Linear(2 * widths[-1], 4 * z_dim), nn.SiLU(), nn.Linear(4 * z_dim, 2 * z_dim)
+            nn.Linear(z_in, 4 * z_dim), nn.SiLU(), nn.Linear(4 * z_dim, 2 * z_dim)
         )
         self.head_w = nn.Linear(widths[-1] * 16, 2 * w_dim) if w_dim else None
 
@@ -196,8 +201,8 @@ class ConvImageBranch(nn.Module):
         if self.derived_inputs:
             x = self._with_derived(x)
         h = self.encoder(x)
-        pooled = torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)
-        loc_z, log_scale_z = self.head_z(pooled).chunk(2, dim=-1)
+        feats = [h.mean((2, 3)), h.amax((2, 3))] + ([h.flatten(1)] if self.z_from_map else [])
+        loc_z, log_scale_z = self.head_z(torch.cat(feats, dim=1)).chunk(2, dim=-1)
         q_w = None
         if self.head_w is not None:
             loc_w, log_scale_w = self.head_w(h.flatten(1)).chunk(2, dim=-1)
