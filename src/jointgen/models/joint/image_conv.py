@@ -161,11 +161,12 @@ class ConvImageBranch(nn.Module):
         # the shared expert sees globally pooled features (mean and max over positions): the
         # captioned attributes do not depend on where the object is, and a small object is
         # found by the max; the private posterior (or, with z_from_map, z) reads the spatial map
-        z_in = widths[-1] * (2 + (16 if z_from_map else 0))
+        flat = widths[-1] * 16  # the final map is always 4x4
+        z_in = 2 * widths[-1] + (flat if z_from_map else 0)
         self.head_z = nn.Sequential(
             nn.Linear(z_in, 4 * z_dim), nn.SiLU(), nn.Linear(4 * z_dim, 2 * z_dim)
         )
-        self.head_w = nn.Linear(widths[-1] * 16, 2 * w_dim) if w_dim else None
+        self.head_w = nn.Linear(flat, 2 * w_dim) if w_dim else None
 
         co = decoder_coords
         up = {"kernel_size": 4, "stride": 2, "padding": 1, "transpose": True}
