@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--kl-align-direction", default="forward", help="forward | reverse")
     ap.add_argument("--decoder-coords", action="store_true", help="CoordConv decoder")
     ap.add_argument("--z-from-map", action="store_true", help="z also reads the 4x4 map")
+    ap.add_argument("--chroma", action="store_true", help="encoder also reads x - mean_c(x)")
     ap.add_argument("--cross-frozen", default="", help="e.g. img: no decoder grad from cross")
     ap.add_argument("--caption-prior", type=int, default=0, help="mixture p(z | caption) K")
     ap.add_argument("--joint-prior", type=int, default=0, help="mixture for joint sampling K")
@@ -73,7 +74,7 @@ def main() -> None:
         32, 3, args.z_dim, args.w_dim, args.hidden, convs_per_level=args.convs_per_level,
         scale=args.scale_mode, derived_inputs=args.derived, full_res_convs=args.full_res,
         decoder_coords=args.decoder_coords, likelihood=args.likelihood,
-        z_from_map=args.z_from_map,
+        z_from_map=args.z_from_map, chroma_inputs=args.chroma,
     )  # fmt: skip
     text = TextBranch(len(dm.vocab), 16, args.z_dim, 8, decoder=args.decoder)
     scale = args.scale  # a mode name, or explicit "img:1,txt:1000"
@@ -124,7 +125,8 @@ def main() -> None:
             rec = cross_coherence_txt2img(
                 net.branches["img"].reconstruct(images), attrs, args.level
             )
-            print(f"  reconstruction strict {rec['strict']:.3f}", flush=True)
+            accs = " ".join(f"{k[4:]} {v:.2f}" for k, v in rec.items() if k.startswith("acc/"))
+            print(f"  reconstruction strict {rec['strict']:.3f} [{accs}]", flush=True)
             i2c = cross_coherence_img2txt(decode(net.image_to_caption(images)), attrs, args.level)
             j = net.sample_joint(200)
             joint = joint_coherence(j["image"], decode(j["tokens"]), args.level)

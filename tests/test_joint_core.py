@@ -366,6 +366,29 @@ class TestConvImage:
         terms = branch.log_likelihood(x, z)
         assert terms.log_px.shape == (1, 2) and torch.isfinite(terms.log_px).all()
 
+    def test_chroma_inputs_ignore_the_grey_background(self):
+        # the same red disc pasted on a light and on a dark grey background: the raw channels
+        # differ everywhere, the chroma channels only where the object's edge blends
+        branch = ConvImageBranch(8, z_dim=Z, w_dim=0, hidden_channels=4, chroma_inputs=True)
+        assert branch.encoder[0].in_channels == 6
+        red = torch.tensor([0.9, 0.15, 0.15]).view(3, 1, 1)
+        mask = torch.zeros(1, 8, 8)
+        mask[:, 2:6, 2:6] = 1.0
+        light = mask * red + (1 - mask) * 0.85
+        dark = mask * red + (1 - mask) * 0.15
+        x = torch.stack([light, dark])
+        chroma = branch._inputs(x)[:, 3:]
+        torch.testing.assert_close(chroma[0], chroma[1])
+        torch.testing.assert_close(chroma[0], 4 * (light - light.mean(0, keepdim=True)))
+        assert chroma[0, :, 0, 0].abs().max() < 1e-6 and chroma[0, 0, 3, 3] > 1
+        assert not torch.allclose(branch._inputs(x)[0, :3], branch._inputs(x)[1, :3])
+        both = ConvImageBranch(8, z_dim=Z, w_dim=0, hidden_channels=4, chroma_inputs=True,
+                               derived_inputs=True)  # fmt: skip
+        assert both._inputs(x).shape[1] == 9  # image, saturation, coordinates, chroma
+        torch.testing.assert_close(both._inputs(x)[:, 6:], chroma)
+        q, _ = both.expert(x)
+        assert q.loc.shape == (2, Z)
+
     def test_decoder_coordinates(self):
         h = AddCoords()(torch.zeros(2, 3, 4, 5))
         assert h.shape == (2, 5, 4, 5)

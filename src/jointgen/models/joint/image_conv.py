@@ -100,6 +100,10 @@ class ConvImageBranch(nn.Module):
         derived_inputs: the encoder also reads each pixel's saturation (max - min channel) and
             its coordinates; both are functions of the image, and the saturation separates the
             coloured object from the grey background textures.
+        chroma_inputs: the encoder also reads each pixel's chroma, its channels minus their
+            mean. On a grey background the chroma is zero whatever the background's brightness,
+            so an object's hue gives the same input on light and dark backgrounds; from the raw
+            channels the encoder must learn a different colour code for each background.
         full_res_convs: 3x3 conv + GroupNorm + SiLU layers at the full image resolution, before
             the encoder's first down-sampling and after the decoder's last up-sampling (the
             outline of a small object is lost once the side is halved).
@@ -128,6 +132,7 @@ class ConvImageBranch(nn.Module):
         full_res_convs: int = 0,
         decoder_coords: bool = False,
         z_from_map: bool = False,
+        chroma_inputs: bool = False,
     ) -> None:
         super().__init__()
         levels = int(round(math.log2(image_size / 4))) if image_size > 0 else 0
@@ -143,11 +148,12 @@ class ConvImageBranch(nn.Module):
         self.image_size, self.channels, self.z_dim, self.w_dim = image_size, channels, z_dim, w_dim
         self.family, self.likelihood, self.scale = family, likelihood, scale
         self.derived_inputs, self.z_from_map = derived_inputs, z_from_map
+        self.chroma_inputs = chroma_inputs
         self.data_dim = channels * image_size * image_size
 
         widths = [hidden_channels * 2 ** min(i, 2) for i in range(levels)]
         enc: list[nn.Module] = []
-        c_in = channels + (3 if derived_inputs else 0)
+        c_in = channels + (3 if derived_inputs else 0) + (channels if chroma_inputs else 0)
         if full_res_convs:
             stem = hidden_channels // 2
             enc += [nn.Conv2d(c_in, stem, 3, padding=1), nn.GroupNorm(min(8, stem), stem)]
@@ -199,9 +205,7 @@ class ConvImageBranch(nn.Module):
 
     def expert(self, x: torch.Tensor) -> tuple[Distribution, Distribution | None]:
         """Shared expert q(z | x) ``(B, z_dim)`` and the private posterior q(w | x) (or None)."""
-        if self.derived_inputs:
-            x = self._with_derived(x)
-        h = self.encoder(x)
+        h = self.encoder(self._inputs(x))
         feats = [h.mean((2, 3)), h.amax((2, 3))] + ([h.flatten(1)] if self.z_from_map else [])
         loc_z, log_scale_z = self.head_z(torch.cat(feats, dim=1)).chunk(2, dim=-1)
         q_w = None
@@ -209,6 +213,13 @@ class ConvImageBranch(nn.Module):
             loc_w, log_scale_w = self.head_w(h.flatten(1)).chunk(2, dim=-1)
             q_w = make_dist(self.family, loc_w, log_scale_w)
         return make_dist(self.family, loc_z, log_scale_z), q_w
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: the image and the derived channels the options ask for."""
+        chroma = 4.0 * (x - x.mean(1, keepdim=True)) if self.chroma_inputs else None
+        if self.derived_inputs:
+            x = self._with_derived(x)
+        return x if chroma is None else torch.cat([x, chroma], dim=1)
 
     @staticmethod
     def _with_derived(x: torch.Tensor) -> torch.Tensor:
