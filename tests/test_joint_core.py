@@ -367,8 +367,8 @@ class TestConvImage:
         assert terms.log_px.shape == (1, 2) and torch.isfinite(terms.log_px).all()
 
     def test_chroma_inputs_ignore_the_grey_background(self):
-        # the same red disc pasted on a light and on a dark grey background: the raw channels
-        # differ everywhere, the chroma channels only where the object's edge blends
+        # the same red square on a light and on a dark grey background: the raw channels
+        # differ, the chroma channels do not (zero on the grey, the hue's offset on the square)
         branch = ConvImageBranch(8, z_dim=Z, w_dim=0, hidden_channels=4, chroma_inputs=True)
         assert branch.encoder[0].in_channels == 6
         red = torch.tensor([0.9, 0.15, 0.15]).view(3, 1, 1)
