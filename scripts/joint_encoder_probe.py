@@ -48,7 +48,7 @@ def main() -> None:
         raise SystemExit(f"--attribute must be one of {names} at level {args.level}")
     col = names.index(args.attribute)
     train, test = dm.datasets["train"], dm.datasets["test"]
-    classes = int(max(train.attrs[:, col].max(), test.attrs[:, col].max())) + 1
+    classes = dm.attr_cardinalities[col]
     net = ConvImageBranch(
         32, 3, 32, 0, 32, derived_inputs=True, full_res_convs=1, decoder_coords=True,
         likelihood="gaussian", z_from_map=True, chroma_inputs=not args.no_chroma,
