@@ -90,6 +90,9 @@ ARCHS = {
     "coord_gaussian": {"decoder_coords": True, "likelihood": "gaussian"},
     "per_pixel": {"scale": "per_pixel"},
     "coord_per_pixel": {"decoder_coords": True, "scale": "per_pixel"},
+    "wide_gaussian": {"decoder_coords": True, "likelihood": "gaussian", "hidden_channels": 64},
+    "broadcast": {"decoder": "broadcast", "likelihood": "gaussian"},
+    "broadcast64": {"decoder": "broadcast", "likelihood": "gaussian", "broadcast_channels": 64},
 }
 
 if __name__ == "__main__":

@@ -42,10 +42,12 @@ import torch
 from torch import nn
 
 from jointgen.models.joint.branch import BranchTerms, FlatPrivate, cat_latents
+from jointgen.models.joint.broadcast import BroadcastDecoder
 from jointgen.models.joint.distributions import LOG_2PI, Distribution, make_dist
 
 LIKELIHOODS = ("laplace", "gaussian")
 SCALES = ("learned", "fixed", "per_pixel")
+DECODERS = ("upsample", "broadcast")
 
 
 class AddCoords(nn.Module):
@@ -113,6 +115,11 @@ class ConvImageBranch(nn.Module):
             object is and how it is turned, which pooling hides from it.
         family: posterior family of q(z | x) and q(w | x): ``normal`` or ``laplace``.
         free_bits: per-dimension KL floor for the closed-form KL of w (nats).
+        decoder: ``upsample`` (a linear map to a 4x4 feature map, then transposed convs) or
+            ``broadcast`` (``BroadcastDecoder``: [z, w] tiled over the full grid with the
+            pixel coordinates, then stride-1 convs; ``decoder_coords``, ``convs_per_level``
+            and ``full_res_convs`` then apply to the encoder only).
+        broadcast_channels, broadcast_layers: width and 3x3 depth of the broadcast decoder.
     """
 
     def __init__(
@@ -133,6 +140,9 @@ class ConvImageBranch(nn.Module):
         decoder_coords: bool = False,
         z_from_map: bool = False,
         chroma_inputs: bool = False,
+        decoder: str = "upsample",
+        broadcast_channels: int = 32,
+        broadcast_layers: int = 3,
     ) -> None:
         super().__init__()
         levels = int(round(math.log2(image_size / 4))) if image_size > 0 else 0
@@ -144,6 +154,8 @@ class ConvImageBranch(nn.Module):
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         if init_scale <= 0:
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         make_dist(family, torch.zeros(1), torch.zeros(1))  # validates the family name
         self.image_size, self.channels, self.z_dim, self.w_dim = image_size, channels, z_dim, w_dim
         self.family, self.likelihood, self.scale = family, likelihood, scale
@@ -193,6 +205,10 @@ class ConvImageBranch(nn.Module):
         else:
             dec += _conv(widths[0], out_channels, co, **up)
         self.decoder = nn.Sequential(*dec)
+        if decoder == "broadcast":
+            self.decoder = BroadcastDecoder(
+                z_dim + w_dim, out_channels, image_size, broadcast_channels, broadcast_layers
+            )
 
         log_scale = torch.full((channels, 1, 1), math.log(init_scale))
         if scale == "learned":

@@ -1,0 +1,71 @@
+"""Spatial broadcast decoder for the light conv image branch.
+
+Watters, Matthey, Burgess & Lerchner, "Spatial Broadcast Decoder: A Simple Architecture for
+Learning Disentangled Representations in VAEs", arXiv 1901.07017 (2019). The latent is tiled
+over the full image grid together with the pixel coordinates, and stride-1 convolutions map
+every pixel to its output. Each pixel then computes its value from (latent, where it is), so
+drawing a shape at another position or scale reuses the same weights; an up-sampling decoder
+must learn every shape separately in every cell of its first 4x4 feature map. Only torch is
+imported.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BroadcastDecoder(nn.Module):
+    """``(N, in_dim)`` latents -> ``(N, out_channels, size, size)`` pre-activation outputs.
+
+    The first layer is a 1x1 conv over [tiled latent, x, y], computed as a linear map of the
+    latent plus a linear map of the coordinates (the same sum, without building the tiled
+    tensor). Then ``layers`` CoordConv 3x3 convs with SiLU, and a 1x1 conv to the outputs.
+
+    Args:
+        in_dim: size of the latent ([z, w]).
+        out_channels: output channels.
+        size: side of the square output.
+        channels: width of every hidden layer.
+        layers: 3x3 conv layers after the broadcast (their receptive field is 2·layers + 1).
+    """
+
+    def __init__(
+        self, in_dim: int, out_channels: int, size: int, channels: int = 32, layers: int = 3
+    ) -> None:
+        super().__init__()
+        if channels < 1 or layers < 0 or size < 1:
+            raise ValueError(
+                f"broadcast decoder needs channels >= 1, layers >= 0, size >= 1; got "
+                f"{channels}, {layers}, {size}"
+            )
+        self.size = size
+        self.latent = nn.Linear(in_dim, channels)
+        self.coords = nn.Conv2d(2, channels, 1, bias=False)
+        lin = torch.linspace(-1.0, 1.0, size)
+        ys, xs = torch.meshgrid(lin, lin, indexing="ij")
+        self.register_buffer("grid", torch.stack([xs, ys])[None], persistent=False)
+        body: list[nn.Module] = [nn.SiLU()]
+        for _ in range(layers):
+            body += [_CoordConv3x3(channels), nn.SiLU()]
+        body.append(nn.Conv2d(channels, out_channels, 1))
+        self.body = nn.Sequential(*body)
+
+    def forward(self, zw: torch.Tensor) -> torch.Tensor:
+        h = self.latent(zw)[:, :, None, None] + self.coords(self.grid.to(zw.dtype))
+        return self.body(h)
+
+
+class _CoordConv3x3(nn.Module):
+    """3x3 conv over [h, x, y] with the coordinate part precomputed once per call."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.coord = nn.Conv2d(2, channels, 3, padding=1, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        size = h.shape[-1]
+        lin = torch.linspace(-1.0, 1.0, size, device=h.device, dtype=h.dtype)
+        ys, xs = torch.meshgrid(lin, lin, indexing="ij")
+        return self.conv(h) + self.coord(torch.stack([xs, ys])[None])
