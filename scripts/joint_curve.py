@@ -55,6 +55,11 @@ def main() -> None:
     ap.add_argument("--decoder-coords", action="store_true", help="CoordConv decoder")
     ap.add_argument("--z-from-map", action="store_true", help="z also reads the 4x4 map")
     ap.add_argument("--chroma", action="store_true", help="encoder also reads x - mean_c(x)")
+    ap.add_argument("--shared-recon", default="", help="e.g. img: also decode from (z, w ~ r)")
+    ap.add_argument("--shared-recon-weight", type=float, default=1.0)
+    ap.add_argument("--image-decoder", default="upsample", help="upsample | broadcast")
+    ap.add_argument("--broadcast-channels", type=int, default=32)
+    ap.add_argument("--broadcast-layers", type=int, default=3)
     ap.add_argument("--cross-frozen", default="", help="e.g. img: no decoder grad from cross")
     ap.add_argument("--caption-prior", type=int, default=0, help="mixture p(z | caption) K")
     ap.add_argument("--joint-prior", type=int, default=0, help="mixture for joint sampling K")
@@ -74,7 +79,8 @@ def main() -> None:
         32, 3, args.z_dim, args.w_dim, args.hidden, convs_per_level=args.convs_per_level,
         scale=args.scale_mode, derived_inputs=args.derived, full_res_convs=args.full_res,
         decoder_coords=args.decoder_coords, likelihood=args.likelihood,
-        z_from_map=args.z_from_map, chroma_inputs=args.chroma,
+        z_from_map=args.z_from_map, chroma_inputs=args.chroma, decoder=args.image_decoder,
+        broadcast_channels=args.broadcast_channels, broadcast_layers=args.broadcast_layers,
     )  # fmt: skip
     text = TextBranch(len(dm.vocab), 16, args.z_dim, 8, decoder=args.decoder)
     scale = args.scale  # a mode name, or explicit "img:1,txt:1000"
@@ -85,6 +91,8 @@ def main() -> None:
         image, text, fusion=args.fusion, likelihood_scale=scale, cross_frozen=frozen,
         kl_align=tuple(m for m in args.kl_align.split(",") if m),
         kl_align_weight=args.kl_align_weight, kl_align_direction=args.kl_align_direction,
+        shared_recon=tuple(m for m in args.shared_recon.split(",") if m),
+        shared_recon_weight=args.shared_recon_weight,
         caption_prior_components=args.caption_prior, joint_prior_components=args.joint_prior,
     )  # fmt: skip
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)

@@ -654,6 +654,37 @@ class TestCrossOptions:
         with pytest.raises(ValueError, match="kl_align"):
             tiny_model(family="laplace", kl_align=("img",))
 
+    def test_shared_recon_adds_the_image_decoded_with_w_from_the_auxiliary_prior(self):
+        # weights 0 and 1 draw the same random numbers, so the losses differ by exactly the
+        # term: the mean over the batch of log p(x | z ~ q_img, w ~ r), zero for absent images
+        mask = torch.tensor([True, True, False, True, True, False])
+        batch = tiny_batch(mask_image=mask)
+        out, g = {}, {}
+        for weight in (0.0, 1.0):
+            torch.manual_seed(0)
+            model = tiny_model(
+                likelihood_scale="none", shared_recon=("img",), shared_recon_weight=weight
+            )
+            out[weight] = run(model, batch)
+            g[weight] = grads(model)
+        shared = out[1.0].terms["loglik_shared/img"]
+        assert shared < 0
+        expected = out[0.0].loss - shared * mask.sum() / len(mask)
+        torch.testing.assert_close(out[1.0].loss, expected, rtol=1e-5, atol=1e-3)
+        # the private posterior gets no gradient from it; the decoder and the expert do
+        for n in g[0.0]:
+            same = torch.allclose(g[0.0][n], g[1.0][n])
+            if n.startswith("branches.img.head_w") or n.startswith("branches.txt"):
+                assert same, n
+            elif n.startswith(("branches.img.decoder", "branches.img.head_z")):
+                assert not same, n
+        with pytest.raises(ValueError, match="shared_recon"):
+            tiny_model("poe", shared_recon=("img",))
+        with pytest.raises(ValueError, match="shared_recon"):
+            tiny_model(objective="dreg", K=2, shared_recon=("img",))
+        with pytest.raises(ValueError, match="shared_recon"):
+            tiny_model(shared_recon=("audio",))
+
     @pytest.mark.parametrize("aux", [False, True])
     def test_caption_to_image_private_prior(self, aux, monkeypatch):
         model = tiny_model(cross_aux_prior=aux).eval()

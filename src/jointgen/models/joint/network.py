@@ -78,8 +78,9 @@ class JointVAE(nn.Module):
         free_bits: per-dimension floor (nats) on the closed-form KL of z (``poe``/``mopoe``
             with ``elbo``); the private floors are set in the branches.
         poe_expert_weights: learn a positive precision multiplier per modality (generalised PoE).
-        cross_aux_prior, cross_frozen, kl_align, kl_align_weight, kl_align_direction: see
-            ``conf/model/joint.yaml`` and ``objectives.BoundOptions``.
+        cross_aux_prior, cross_frozen, kl_align, kl_align_weight, kl_align_direction,
+            shared_recon, shared_recon_weight: see ``conf/model/joint.yaml`` and
+            ``objectives.BoundOptions``.
         caption_prior_components: K > 0 fits p(z | caption), a K-component mixture density
             network on the caption expert, to the image posteriors; caption-to-image samples
             it instead of q(z | caption) (``latent_prior``). 0 = off.
@@ -108,6 +109,8 @@ class JointVAE(nn.Module):
         kl_align: Sequence[str] = (),
         kl_align_weight: float = 1.0,
         kl_align_direction: str = "forward",
+        shared_recon: Sequence[str] = (),
+        shared_recon_weight: float = 1.0,
         caption_prior_components: int = 0,
         joint_prior_components: int = 0,
         prior_hidden: int = 256,
@@ -153,6 +156,17 @@ class JointVAE(nn.Module):
             )
         self.kl_align, self.kl_align_weight = tuple(kl_align), float(kl_align_weight)
         self.kl_align_direction = kl_align_direction
+        if set(shared_recon) - set(MODALITIES) or shared_recon_weight < 0:
+            raise ValueError(
+                f"shared_recon needs known modalities and a weight >= 0, got "
+                f"{list(shared_recon)}, {shared_recon_weight}"
+            )
+        if shared_recon and (fusion not in ("moe", "mmvae_plus") or objective == "dreg"):
+            raise ValueError(
+                f"shared_recon needs fusion moe or mmvae_plus and objective elbo or iwae, got "
+                f"{fusion!r}, {objective!r}"
+            )
+        self.shared_recon, self.shared_recon_weight = tuple(shared_recon), shared_recon_weight
         self.fusion, self.prior_expert, self.objective = fusion, prior_expert, objective
         self.K, self.looser, self.beta, self.free_bits = K, looser, beta, free_bits
         self.mopoe_sampling, self.family, self.z_dim = mopoe_sampling, image.family, image.z_dim
@@ -209,6 +223,7 @@ class JointVAE(nn.Module):
             self.objective, self.K, self.looser, self.beta * kl_coeff, self.likelihood_scales,
             self.family, self.prior_expert, self._weights(), self.free_bits, self.mopoe_sampling,
             self.cross_frozen, self.kl_align, self.kl_align_weight, self.kl_align_direction,
+            self.shared_recon, self.shared_recon_weight,
         )  # fmt: skip
         if self.fusion in ("moe", "mmvae_plus"):
             bound, log = stratified_bound(self.branches, enc, opts, self.fusion == "mmvae_plus")
