@@ -83,6 +83,35 @@ def _extra_convs(channels: int, n: int, coords: bool = False) -> list[nn.Module]
     return layers
 
 
+def _upsample_decoder(
+    in_dim: int,
+    widths: list[int],
+    out_channels: int,
+    hidden_channels: int,
+    convs_per_level: int,
+    full_res_convs: int,
+    co: bool,
+) -> nn.Sequential:
+    """Linear map to a 4x4 feature map, then one transposed conv per level up to full size."""
+    up = {"kernel_size": 4, "stride": 2, "padding": 1, "transpose": True}
+    dec: list[nn.Module] = [
+        nn.Linear(in_dim, widths[-1] * 16),
+        nn.SiLU(),
+        nn.Unflatten(1, (widths[-1], 4, 4)),
+        *_extra_convs(widths[-1], convs_per_level, co),
+    ]
+    for c_in, c_out in zip(widths[::-1], widths[::-1][1:]):
+        dec += [*_conv(c_in, c_out, co, **up), nn.SiLU()]
+        dec += _extra_convs(c_out, convs_per_level, co)
+    if full_res_convs:
+        stem = hidden_channels // 2
+        dec += [*_conv(widths[0], stem, co, **up), nn.SiLU()]
+        dec += [*_extra_convs(stem, full_res_convs, co), nn.Conv2d(stem, out_channels, 1)]
+    else:
+        dec += _conv(widths[0], out_channels, co, **up)
+    return nn.Sequential(*dec)
+
+
 class ConvImageBranch(nn.Module):
     """Conv encoder/decoder image branch with a flat private latent.
 
@@ -186,29 +215,16 @@ class ConvImageBranch(nn.Module):
         )
         self.head_w = nn.Linear(flat, 2 * w_dim) if w_dim else None
 
-        co = decoder_coords
-        up = {"kernel_size": 4, "stride": 2, "padding": 1, "transpose": True}
-        dec: list[nn.Module] = [
-            nn.Linear(z_dim + w_dim, widths[-1] * 16),
-            nn.SiLU(),
-            nn.Unflatten(1, (widths[-1], 4, 4)),
-            *_extra_convs(widths[-1], convs_per_level, co),
-        ]
-        for c_in, c_out in zip(widths[::-1], widths[::-1][1:]):
-            dec += [*_conv(c_in, c_out, co, **up), nn.SiLU()]
-            dec += _extra_convs(c_out, convs_per_level, co)
         out_channels = channels * (2 if scale == "per_pixel" else 1)
-        if full_res_convs:
-            stem = hidden_channels // 2
-            dec += [*_conv(widths[0], stem, co, **up), nn.SiLU()]
-            dec += [*_extra_convs(stem, full_res_convs, co), nn.Conv2d(stem, out_channels, 1)]
-        else:
-            dec += _conv(widths[0], out_channels, co, **up)
-        self.decoder = nn.Sequential(*dec)
         if decoder == "broadcast":
-            self.decoder = BroadcastDecoder(
+            self.decoder: nn.Module = BroadcastDecoder(
                 z_dim + w_dim, out_channels, image_size, broadcast_channels, broadcast_layers
             )
+        else:
+            self.decoder = _upsample_decoder(
+                z_dim + w_dim, widths, out_channels, hidden_channels, convs_per_level,
+                full_res_convs, decoder_coords,
+            )  # fmt: skip
 
         log_scale = torch.full((channels, 1, 1), math.log(init_scale))
         if scale == "learned":

@@ -35,6 +35,7 @@ from jointgen.models.joint.objectives import (
     mopoe_bound,
     poe_bound,
     resolve_likelihood_scales,
+    shared_recon_term,
     stratified_bound,
 )
 
@@ -161,11 +162,8 @@ class JointVAE(nn.Module):
                 f"shared_recon needs known modalities and a weight >= 0, got "
                 f"{list(shared_recon)}, {shared_recon_weight}"
             )
-        if shared_recon and (fusion not in ("moe", "mmvae_plus") or objective == "dreg"):
-            raise ValueError(
-                f"shared_recon needs fusion moe or mmvae_plus and objective elbo or iwae, got "
-                f"{fusion!r}, {objective!r}"
-            )
+        if shared_recon and fusion not in ("moe", "mmvae_plus"):
+            raise ValueError(f"shared_recon needs fusion moe or mmvae_plus, got {fusion!r}")
         self.shared_recon, self.shared_recon_weight = tuple(shared_recon), shared_recon_weight
         self.fusion, self.prior_expert, self.objective = fusion, prior_expert, objective
         self.K, self.looser, self.beta, self.free_bits = K, looser, beta, free_bits
@@ -231,7 +229,7 @@ class JointVAE(nn.Module):
             bound_fn = poe_bound if self.fusion == "poe" else mopoe_bound
             bound, log = bound_fn(self.branches, enc, opts)
             bound = bound - kl_align_penalty(enc, opts, log)  # no cross term to drop: added
-        loss = -bound.mean()
+        loss = -(bound + shared_recon_term(self.branches, enc, opts, log)).mean()
         terms = {**log.means(), "bound": bound.detach().mean()}
         loss = loss + self._prior_losses(enc, terms)
         return JointOutput(loss, bound.detach(), terms)

@@ -258,36 +258,38 @@ def stratified_bound(
     mixture = moe([enc.experts[m] for m in MODALITIES], [enc.obs[m] for m in MODALITIES])
     density_q = mixture.detach() if dreg else mixture
     log, lws, valid, latents = TermLog(), [], [], []
-    extra = 0.0  # shared_recon terms, (B,) once one is added
     for m in MODALITIES:
         z = enc.experts[m].rsample(opts.K)
         posterior = {n: n == m or not plus for n in MODALITIES}
         frozen = tuple(n for n in opts.cross_frozen if n != m)
         decoded = [n for n in MODALITIES if n == m or n not in opts.kl_align]
         terms = _decode(branches, enc, z, posterior, decoded, dreg, frozen)
-        if m in opts.shared_recon:
-            extra = extra + shared_recon_term(branches[m], enc, m, z, opts, log)
         density = standard(opts.family, z[0]).log_prob(z) - density_q.log_prob(z)
         lws.append(log_weight(terms, enc.obs, density, posterior, opts, log, enc.obs[m], m, False))
         valid.append(enc.obs[m])
         latents.append([z] + [w for t in terms.values() for w in t.latents])
     bound = reduce_strata(lws, valid, latents, opts.objective, opts.looser)
-    return bound - kl_align_penalty(enc, opts, log) + extra, log
+    return bound - kl_align_penalty(enc, opts, log), log
 
 
 def shared_recon_term(
-    branch: Any, enc: Encoded, m: str, z: torch.Tensor, opts: BoundOptions, log: TermLog
+    branches: Mapping[str, Any], enc: Encoded, opts: BoundOptions, log: TermLog
 ) -> torch.Tensor:
-    """weight × s_m × mean over K of log p(x_m | z, w) with z ~ q_m(z | x_m) and w ~ r_m(w),
-    the auxiliary prior, ``(B,)`` (0 where x_m is absent): x_m decoded from its own shared
-    sample while the private latent says nothing about it. With a private latent the decoder
-    could draw the captioned attributes from w as well as from z, and then draws them wrong
-    when w comes from a prior (caption-to-image); this term rewards drawing from z whatever
-    z carries. Not part of the bound: logged as ``loglik_shared/<m>``."""
-    t = branch.log_likelihood(enc.x[m], z, enc.features[m], posterior=False)
-    log.add(f"loglik_shared/{m}", t.log_px, enc.obs[m])
-    value = _zero_where(enc.obs[m], t.log_px.mean(0))
-    return opts.shared_recon_weight * opts.scales[m] * value
+    """Sum over m in ``opts.shared_recon`` of weight × s_m × mean over K of log p(x_m | z, w)
+    with z ~ q_m(z | x_m) and w ~ r_m(w), the auxiliary prior, ``(B,)`` (0 where x_m is
+    absent; 0 when the list is empty): x_m decoded from its own shared sample while the
+    private latent says nothing about it. With a private latent the decoder could draw the
+    captioned attributes from w as well as from z, and then draws them wrong when w comes from
+    a prior (caption-to-image); this term rewards drawing from z whatever z carries. Not part
+    of the bound (the loss adds it; ``val/nelbo`` does not): logged as ``loglik_shared/<m>``."""
+    total = torch.zeros((), device=next(iter(enc.obs.values())).device)
+    for m in opts.shared_recon:
+        z = enc.experts[m].rsample(opts.K)
+        t = branches[m].log_likelihood(enc.x[m], z, enc.features[m], posterior=False)
+        log.add(f"loglik_shared/{m}", t.log_px, enc.obs[m])
+        value = _zero_where(enc.obs[m], t.log_px.mean(0))
+        total = total + opts.shared_recon_weight * opts.scales[m] * value
+    return total
 
 
 def kl_align_penalty(enc: Encoded, opts: BoundOptions, log: TermLog) -> torch.Tensor:
