@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=32, help="conv branch hidden channels")
     ap.add_argument("--w-dim", type=int, default=32, help="private image latent size")
     ap.add_argument("--z-dim", type=int, default=32)
+    ap.add_argument("--txt-w-dim", type=int, default=8, help="private caption latent size")
     ap.add_argument("--derived", action="store_true", help="saturation/coordinate inputs")
     ap.add_argument("--full-res", type=int, default=0, help="full-resolution conv layers")
     ap.add_argument("--scale-mode", default="learned", help="learned | fixed | per_pixel")
@@ -82,7 +83,7 @@ def main() -> None:
         z_from_map=args.z_from_map, chroma_inputs=args.chroma, decoder=args.image_decoder,
         broadcast_channels=args.broadcast_channels, broadcast_layers=args.broadcast_layers,
     )  # fmt: skip
-    text = TextBranch(len(dm.vocab), 16, args.z_dim, 8, decoder=args.decoder)
+    text = TextBranch(len(dm.vocab), 16, args.z_dim, args.txt_w_dim, decoder=args.decoder)
     scale = args.scale  # a mode name, or explicit "img:1,txt:1000"
     if ":" in scale:
         scale = {k: float(v) for k, v in (kv.split(":") for kv in scale.split(","))}
