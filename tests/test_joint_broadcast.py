@@ -25,16 +25,6 @@ def test_first_layer_is_a_1x1_conv_over_the_tiled_latent_and_coordinates():
     assert dec(z).shape == (4, 3, 6, 6)
 
 
-def test_coord_conv_equals_a_conv_over_the_features_and_coordinates():
-    torch.manual_seed(0)
-    dec = BroadcastDecoder(in_dim=2, out_channels=1, size=5, channels=3, layers=1)
-    layer = dec.body[1]
-    h = torch.randn(2, 3, 5, 5)
-    weight = torch.cat([layer.conv.weight, layer.coord.weight], 1)
-    full = F.conv2d(torch.cat([h, _grid(5).expand(2, 2, 5, 5)], 1), weight, layer.conv.bias, 1, 1)
-    torch.testing.assert_close(layer(h), full, atol=1e-5, rtol=0)
-
-
 def test_learns_to_draw_a_dot_where_the_latent_says():
     # the latent is the dot's position; a decoder that reads (latent, coordinates) per pixel
     # must put the peak there, including at positions it never saw in training

@@ -15,12 +15,28 @@ import torch
 from torch import nn
 
 
+class AddCoords(nn.Module):
+    """Appends the x and y pixel coordinates in [-1, 1] as two channels (CoordConv, Liu et al.,
+    NeurIPS 2018, arXiv 1807.03247): a conv can then place a shape's outline by position."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, _, hh, ww = h.shape
+        ys = torch.linspace(-1.0, 1.0, hh, device=h.device, dtype=h.dtype)
+        xs = torch.linspace(-1.0, 1.0, ww, device=h.device, dtype=h.dtype)
+        ys, xs = (
+            ys.view(1, 1, hh, 1).expand(b, 1, hh, ww),
+            xs.view(1, 1, 1, ww).expand(b, 1, hh, ww),
+        )
+        return torch.cat([h, xs, ys], dim=1)
+
+
 class BroadcastDecoder(nn.Module):
     """``(N, in_dim)`` latents -> ``(N, out_channels, size, size)`` pre-activation outputs.
 
     The first layer is a 1x1 conv over [tiled latent, x, y], computed as a linear map of the
     latent plus a linear map of the coordinates (the same sum, without building the tiled
-    tensor). Then ``layers`` CoordConv 3x3 convs with SiLU, and a 1x1 conv to the outputs.
+    tensor). Then ``layers`` CoordConv 3x3 convs (``AddCoords``) with SiLU, and a 1x1 conv to
+    the outputs.
 
     Args:
         in_dim: size of the latent ([z, w]).
@@ -39,7 +55,6 @@ class BroadcastDecoder(nn.Module):
                 f"broadcast decoder needs channels >= 1, layers >= 0, size >= 1; got "
                 f"{channels}, {layers}, {size}"
             )
-        self.size = size
         self.latent = nn.Linear(in_dim, channels)
         self.coords = nn.Conv2d(2, channels, 1, bias=False)
         lin = torch.linspace(-1.0, 1.0, size)
@@ -47,25 +62,10 @@ class BroadcastDecoder(nn.Module):
         self.register_buffer("grid", torch.stack([xs, ys])[None], persistent=False)
         body: list[nn.Module] = [nn.SiLU()]
         for _ in range(layers):
-            body += [_CoordConv3x3(channels), nn.SiLU()]
+            body += [AddCoords(), nn.Conv2d(channels + 2, channels, 3, padding=1), nn.SiLU()]
         body.append(nn.Conv2d(channels, out_channels, 1))
         self.body = nn.Sequential(*body)
 
     def forward(self, zw: torch.Tensor) -> torch.Tensor:
         h = self.latent(zw)[:, :, None, None] + self.coords(self.grid.to(zw.dtype))
         return self.body(h)
-
-
-class _CoordConv3x3(nn.Module):
-    """3x3 conv over [h, x, y] with the coordinate part precomputed once per call."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.coord = nn.Conv2d(2, channels, 3, padding=1, bias=False)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        size = h.shape[-1]
-        lin = torch.linspace(-1.0, 1.0, size, device=h.device, dtype=h.dtype)
-        ys, xs = torch.meshgrid(lin, lin, indexing="ij")
-        return self.conv(h) + self.coord(torch.stack([xs, ys])[None])

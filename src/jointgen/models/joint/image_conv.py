@@ -42,27 +42,12 @@ import torch
 from torch import nn
 
 from jointgen.models.joint.branch import BranchTerms, FlatPrivate, cat_latents
-from jointgen.models.joint.broadcast import BroadcastDecoder
+from jointgen.models.joint.broadcast import AddCoords, BroadcastDecoder
 from jointgen.models.joint.distributions import LOG_2PI, Distribution, make_dist
 
 LIKELIHOODS = ("laplace", "gaussian")
 SCALES = ("learned", "fixed", "per_pixel")
 DECODERS = ("upsample", "broadcast")
-
-
-class AddCoords(nn.Module):
-    """Appends the x and y pixel coordinates in [-1, 1] as two channels (CoordConv, Liu et al.,
-    NeurIPS 2018, arXiv 1807.03247): a conv can then place a shape's outline by position."""
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        b, _, hh, ww = h.shape
-        ys = torch.linspace(-1.0, 1.0, hh, device=h.device, dtype=h.dtype)
-        xs = torch.linspace(-1.0, 1.0, ww, device=h.device, dtype=h.dtype)
-        ys, xs = (
-            ys.view(1, 1, hh, 1).expand(b, 1, hh, ww),
-            xs.view(1, 1, 1, ww).expand(b, 1, hh, ww),
-        )
-        return torch.cat([h, xs, ys], dim=1)
 
 
 def _conv(c_in: int, c_out: int, coords: bool, transpose: bool = False, **kw) -> list[nn.Module]:
