@@ -57,9 +57,8 @@ class BroadcastDecoder(nn.Module):
             )
         self.latent = nn.Linear(in_dim, channels)
         self.coords = nn.Conv2d(2, channels, 1, bias=False)
-        lin = torch.linspace(-1.0, 1.0, size)
-        ys, xs = torch.meshgrid(lin, lin, indexing="ij")
-        self.register_buffer("grid", torch.stack([xs, ys])[None], persistent=False)
+        grid = AddCoords()(torch.zeros(1, 0, size, size))  # (1, 2, size, size): x, y
+        self.register_buffer("grid", grid, persistent=False)
         body: list[nn.Module] = [nn.SiLU()]
         for _ in range(layers):
             body += [AddCoords(), nn.Conv2d(channels + 2, channels, 3, padding=1), nn.SiLU()]
